@@ -1,0 +1,174 @@
+"""`recycler reproduce`: the paper's experiments on the toy family, over seeds, into a Markdown report.
+
+Each seed is a separate family (pretraining seed) and fine-tuning seed, run in its own process with one
+torch thread, so two seeds use the two cores of a small CI machine fully. `--fast` is a smoke test:
+one seed, three versions, shorter fine-tuning on the smaller fast family.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from recycler.errors import OutputExists, RecyclerError
+from recycler.toy.family import Progress, ProgressUpdate, build_toy_family
+from recycler.toy.pretrain import torch_threads
+
+FULL_VERSIONS = ("v1", "v2", "v3", "v4", "v5")
+FAST_VERSIONS = ("v1", "v3", "v5")
+FULL_FT = {"eval_every": 10}
+FAST_FT = {"eval_every": 20}
+
+
+class ReproduceError(RecyclerError):
+    exit_code = 32
+
+
+@dataclass(frozen=True)
+class ReproduceResult:
+    out: Path
+    report: Path
+    results: Path
+    plots: dict[str, Path]
+    findings: dict  # name → {"per_seed", "mean", "min", "max", "verdict", …}
+    wall_time_s: float
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("RECYCLER_TOY_CACHE", "~/.cache/recycler/toy")).expanduser()
+
+
+def run_seed(cache: Path, work: Path, fast: bool, seed: int, queue=None) -> dict:
+    """Build (or reuse) the family of `seed` and run every experiment on it; returns JSON-able results."""
+    from transformers.utils import logging as hf_logging
+
+    from recycler.toy.experiments import SeedExperiments
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    lane = f"seed {seed}"
+
+    def send(label: str, done: int, total: int) -> None:
+        if queue is not None:
+            queue.put(ProgressUpdate(lane, label, done, total))
+
+    t0 = time.monotonic()
+    family = build_toy_family(cache, fast=fast, seed=seed, progress=lambda u: send(u.label, u.done, u.total))
+    built = time.monotonic() - t0
+    ft = family.finetune_config.updated(**(FAST_FT if fast else FULL_FT))
+    versions = list(FAST_VERSIONS if fast else FULL_VERSIONS)
+    # One thread: these models are too small to gain from two, and a second thread that spin-waits
+    # for a core busy with other work slowed a run tenfold.
+    with torch_threads(1):
+        result = SeedExperiments(family, versions, work / f"seed-{seed}", ft, send).run()
+    result["seed"] = seed
+    result["family"] = {"root": str(family.root), "config": family.config.model_dump(mode="json")}
+    result["timings"]["family_s"] = built
+    result["finetune_config"] = ft.model_dump(mode="json")
+    return result
+
+
+def _run_seeds(
+    cache: Path, work: Path, fast: bool, seeds: list[int], progress: Progress | None
+) -> list[dict]:
+    """One process per seed (at most one per core); progress updates come back through a queue."""
+    cores = len(os.sched_getaffinity(0))
+    if len(seeds) == 1:  # in-process: simpler to debug, and tests do not pay for a spawn
+        return [run_seed(cache, work, fast, seeds[0], _Relay(progress))]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        queue = manager.Queue()
+        stop = threading.Event()
+        drain = threading.Thread(target=_drain, args=(queue, progress, stop), daemon=True)
+        drain.start()
+        try:
+            with ProcessPoolExecutor(max_workers=min(len(seeds), cores), mp_context=ctx) as pool:
+                futures = [pool.submit(run_seed, cache, work, fast, s, queue) for s in seeds]
+                return [f.result() for f in futures]
+        finally:
+            stop.set()
+            drain.join()
+
+
+class _Relay:
+    """A queue stand-in that hands updates straight to the progress callback (single process)."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+
+    def put(self, update: ProgressUpdate) -> None:
+        if self.progress:
+            self.progress(update)
+
+
+def _drain(queue, progress: Progress | None, stop: threading.Event) -> None:
+    import queue as queue_module
+
+    while not stop.is_set() or not queue.empty():
+        try:
+            update = queue.get(timeout=0.2)
+        except queue_module.Empty:
+            continue
+        if progress:
+            progress(update)
+
+
+def reproduce(
+    out: Path,
+    *,
+    fast: bool = False,
+    seeds: int = 2,
+    progress: Progress | None = None,
+    cache: Path | None = None,
+    overwrite: bool = False,
+    keep_work: bool = False,
+) -> ReproduceResult:
+    """Run the experiments for seeds 0..seeds-1 and write report.md, results.json and plots into `out`.
+
+    Families are cached under `cache` (default $RECYCLER_TOY_CACHE or ~/.cache/recycler/toy). The
+    intermediate models go to a temporary folder, removed at the end unless `keep_work`.
+    """
+    from recycler.toy.report import write_report
+
+    if seeds < 1:
+        raise ReproduceError(f"--seeds must be at least 1, got {seeds}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExists(f"{out} exists and is not empty; pass --overwrite or choose another folder")
+    cache = Path(cache) if cache is not None else default_cache()
+    t0 = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="recycler-reproduce-"))
+    try:
+        runs = _run_seeds(cache, work, fast, list(range(seeds)), progress)
+        if keep_work:
+            shutil.copytree(work, out / "work", dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    wall = time.monotonic() - t0
+    report, results, plots, findings = write_report(out, runs, fast=fast, wall_time_s=wall)
+    _log_mlflow(report, results, plots, findings, fast=fast, seeds=seeds)
+    return ReproduceResult(out, report, results, plots, findings, wall)
+
+
+def _log_mlflow(
+    report: Path, results: Path, plots: dict[str, Path], findings: dict, *, fast: bool, seeds: int
+) -> None:
+    """Log the run to MLflow when MLFLOW_TRACKING_URI is set; otherwise do nothing."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    import mlflow
+
+    with mlflow.start_run(run_name=f"reproduce{'-fast' if fast else ''}"):
+        mlflow.log_params({"fast": fast, "seeds": seeds})
+        for name, f in findings.items():
+            if f.get("mean") is not None:
+                mlflow.log_metric(name, float(f["mean"]))
+        for path in (report, results, *plots.values()):
+            mlflow.log_artifact(str(path))

@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny Llama-style checkpoints built locally (no hub), in several layouts and dtypes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from recycler.tiny import build_tiny_model, perturb_model
+
+pytest_plugins = ["servers"]  # session fixtures with real servers: moto_s3, mlflow_server, postgres, …
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder, read independently of recycler (safetensors' own loader)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(folder / f))
+    return state
+
+
+def grow_vocab(src: Path, out: Path, new_tokens: list[str], *, seed: int = 7) -> Path:
+    """A 'newer base' whose tokenizer appends tokens (and embedding rows), lightly perturbed."""
+    model = LlamaForCausalLM.from_pretrained(src)
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.add_tokens(new_tokens)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(out, max_shard_size="25KB")
+    tok.save_pretrained(out)
+    tmp = out.parent / f"{out.name}-unperturbed"
+    out.rename(tmp)
+    perturb_model(tmp, out, scale=0.05, seed=seed, max_shard_size="25KB")
+    return out
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """m_s (bf16, 3 shards), m′_s (fine-tune, other shard layout), m_t (next version, single file), and variants."""
+    root = tmp_path_factory.mktemp("models")
+    m: dict[str, Path] = {}
+    m["base"] = build_tiny_model(root / "base", dtype=torch.bfloat16, max_shard_size="20KB")
+    m["tuned"] = perturb_model(m["base"], root / "tuned", scale=0.02, seed=1, max_shard_size="32KB")
+    m["target"] = perturb_model(m["base"], root / "target", scale=0.1, seed=2)
+    m["base32"] = build_tiny_model(root / "base32", dtype=torch.float32, seed=3, max_shard_size="40KB")
+    m["tuned32"] = perturb_model(m["base32"], root / "tuned32", scale=0.02, seed=4)
+    m["tied"] = build_tiny_model(root / "tied", dtype=torch.bfloat16, tie=True, seed=5)
+    m["tied_tuned"] = perturb_model(m["tied"], root / "tied_tuned", scale=0.02, seed=6)
+    m["grown"] = grow_vocab(m["base"], root / "grown", ["<tool>", "<think>", "§"])
+    m["unrelated"] = build_tiny_model(root / "unrelated", dtype=torch.bfloat16, seed=99)
+    return m
+
+
+@pytest.fixture(scope="session")
+def delta(models, tmp_path_factory) -> Path:
+    """Δ = tuned − base (float32), shared by read-only tests."""
+    from recycler.extract import diff_checkpoints
+
+    out = tmp_path_factory.mktemp("deltas") / "delta"
+    diff_checkpoints(models["base"], models["tuned"], out, max_shard_bytes=40_000)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("toy-cache")
+
+
+@pytest.fixture(scope="session")
+def fast_family(toy_cache):
+    """The fast toy family (v1…v5, task data), built once per session for the toy and flow tests."""
+    from recycler.toy import build_toy_family
+
+    return build_toy_family(toy_cache, fast=True, seed=0)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The reliability figures (RELIABILITY.md §c) for the cases that ran in this session."""
+    from reliability import LEDGER
+
+    if line := LEDGER.summary():
+        terminalreporter.write_sep("=", "reliability")
+        terminalreporter.write_line(line)
+        missing = sorted(set(LEDGER.cases) - LEDGER.confirmed)
+        if missing:
+            terminalreporter.write_line(f"not confirmed: {', '.join(missing)}")

@@ -1,0 +1,288 @@
+"""The release-cycle flows on a real temporary Prefect server (prefect_test_harness), the fast toy family,
+a SQLite MLflow registry and a local artifact store: first cycle, iterative cycle, idempotent re-runs,
+the gate, two watchers on one release, crashes mid-fine-tune and mid-registration, invalid ids.
+
+Fine-tuning is shortened to 30 steps: the flows' behaviour, not the model's accuracy, is under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from reliability import case, check_invariants
+
+from recycler.cycle import CycleSpec, FinetuneFailed
+from recycler.registry import Registry
+from recycler.releases import InvalidReleaseId
+from recycler.settings import get_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, prefect_api) -> Path:
+    monkeypatch.setenv("RECYCLER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RECYCLER_TRACK", "1")
+    monkeypatch.delenv("RECYCLER_CRASH_AT", raising=False)
+    get_settings.cache_clear()
+    yield tmp_path / "home"
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def releases(tmp_path) -> Path:
+    (tmp_path / "releases").mkdir()
+    return tmp_path / "releases"
+
+
+def make_spec(family, **kw) -> CycleSpec:
+    ft = family.finetune_config.updated(max_steps=30, eval_every=10, save_every=10)
+    base = dict(family="toy", variant="arith", train=family.train, eval_task=family.test, finetune=ft)
+    return CycleSpec(**{**base, "max_relative_norm": 5.0, "eval_limit": 100, "gate_margin": -1.0, **kw})
+
+
+def publish(family, releases: Path, version: str) -> None:
+    shutil.copytree(family.versions[version], releases / version, copy_function=os.link)
+
+
+def _store():
+    from recycler.store import open_store
+
+    return open_store(get_settings())
+
+
+def registry() -> Registry:
+    return Registry.from_settings(get_settings())
+
+
+def versions(kind: str, variant: str | None = "arith"):
+    return registry().versions(kind, "toy", variant)
+
+
+def cycle_runs() -> list:
+    import mlflow
+
+    s = get_settings()
+    mlflow.set_tracking_uri(s.tracking_uri)
+    exp = mlflow.get_experiment_by_name(s.experiment)
+    if exp is None:
+        return []
+    return mlflow.search_runs(
+        [exp.experiment_id], filter_string="tags.`recycler.cycle` != ''", output_format="list"
+    )
+
+
+def test_first_cycle_then_iterative_cycle_then_backport(fast_family, home, releases):
+    from flows.release import backport, watch_releases
+
+    spec = make_spec(fast_family)
+    publish(fast_family, releases, "v1")
+    first = watch_releases(str(releases), spec)
+    assert [c["version"] for c in first] == ["v1"] and first[0]["mode"] == "first"
+    assert first[0]["parent_diff"] is None and first[0]["registered"]["merged"] is None
+    ft1, d1 = versions("ft")[0], versions("diff")[0]
+    assert ft1.tags["cycle_status"] == "complete" and "parent_diff" not in ft1.tags
+    assert d1.tags["source_ft"] == ft1.reference and d1.tags["base_version"] == "v1"
+    assert "next-diff" in d1.aliases and {"champion", "champion-v1"} <= set(ft1.aliases)
+
+    publish(fast_family, releases, "v2")
+    second = watch_releases(str(releases), spec)
+    assert [c["version"] for c in second] == ["v2"]  # v1 is not processed again
+    c2 = second[0]
+    assert c2["mode"] == "iterative" and c2["parent_diff"] == d1.reference
+    ft2 = registry().resolve(c2["registered"]["ft"])
+    d2 = registry().resolve(c2["registered"]["diff"])
+    merged = registry().resolve(c2["registered"]["merged"])
+    assert ft2.tags["parent_diff"] == d1.reference and ft2.tags["source_merged"] == merged.reference
+    assert d2.tags["diff_mode"] == "iterative" and d2.tags["source_ft"] == ft2.reference
+    assert d2.tags["cycle_parent_diff"] == d1.reference and merged.tags["parent_diff"] == d1.reference
+    assert registry().get(d2.name, "next-diff").version == d2.version
+    assert registry().get(ft2.name, "champion").version == ft2.version
+    assert set(c2["scores"]) == {"base", "merged", "ft"}
+
+    # the lineage of the champion reaches base v1 through Δ1 and FT1
+    refs = {f"{n.name}/{n.version}" for n in registry().lineage(ft2.name, "champion").walk()}
+    assert {d1.reference, ft1.reference, merged.reference, "toy-base/1", "toy-base/2"} <= refs
+
+    # idempotent: watching again starts nothing and registers nothing
+    assert watch_releases(str(releases), spec) == []
+    assert [len(versions(k)) for k in ("ft", "diff", "merged")] == [2, 2, 1]
+    assert len(versions("base", None)) == 2
+    assert len(cycle_runs()) == 2
+
+    back = backport("toy-arith-diff@next-diff", "v1", "toy", str(fast_family.test), variant="arith")
+    bv = registry().resolve(back["registered"])
+    assert bv.kind == "merged" and bv.tags["transfer"] == "backport"
+    assert bv.tags["parent_diff"] == d2.reference and bv.tags["base_version"] == "v1"
+    assert bv.tags["diff_base_version"] == "v2"
+
+
+def test_failed_gate_moves_no_alias(fast_family, home, releases):
+    from flows.release import release_cycle
+
+    publish(fast_family, releases, "v1")
+    publish(fast_family, releases, "v2")
+    release_cycle("v1", str(releases), make_spec(fast_family))
+    champion, next_diff = (
+        registry().get("toy-arith-ft", "champion"),
+        registry().get("toy-arith-diff", "next-diff"),
+    )
+    out = release_cycle("v2", str(releases), make_spec(fast_family, gate_margin=2.0))  # unreachable margin
+    assert out["promoted"] is False and "does not beat" in out["gate"]
+    assert registry().get("toy-arith-ft", "champion").version == champion.version
+    assert registry().get("toy-arith-diff", "next-diff").version == next_diff.version
+    ft2 = registry().resolve(out["registered"]["ft"])
+    assert ft2.tags["gate"].startswith("refused") and ft2.tags["cycle_status"] == "complete"
+    assert "champion-v2" not in ft2.aliases
+
+
+def test_invalid_release_id_is_rejected_before_any_write(fast_family, home, releases):
+    from flows.release import release_cycle
+
+    publish(fast_family, releases, "v1")
+    for bad in ("../v1", "v1/../../etc", "", "v1 ; rm -rf /"):
+        with pytest.raises(InvalidReleaseId):
+            release_cycle(bad, str(releases), make_spec(fast_family))
+    with pytest.raises(InvalidReleaseId, match="no release 'v9'"):
+        release_cycle("v9", str(releases), make_spec(fast_family))
+    with pytest.raises(InvalidReleaseId, match="invalid family"):
+        CycleSpec(family="../toy", train=fast_family.train, eval_task=fast_family.test)
+    assert not (home / "work" / "toy" / "arith" / "v9").exists()
+    assert not (home / "artifacts").exists()
+    assert registry().models() == []
+
+
+def _flow_subprocess(code: str, api: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "PREFECT_API_URL": api, **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+SPEC_CODE = """
+    from pathlib import Path
+    from recycler.cycle import CycleSpec
+    spec = CycleSpec.model_validate_json(Path({spec!r}).read_text())
+"""
+
+
+def test_two_watchers_on_one_release_start_one_cycle(fast_family, home, releases, prefect_api, tmp_path):
+    d1 = case("D1 two watchers detect the same release", "concurrency")
+    publish(fast_family, releases, "v1")
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(make_spec(fast_family).model_dump_json())
+    code = (
+        SPEC_CODE.format(spec=str(spec_file))
+        + f"""
+    from flows.release import watch_releases
+    print("CYCLES", len(watch_releases({str(releases)!r}, spec)))
+    """
+    )
+    procs = [_flow_subprocess(code, prefect_api) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    started = sorted(int(o.rsplit("CYCLES ", 1)[1].split()[0]) for o in outs)
+    assert started == [0, 1], outs
+    assert len(versions("ft")) == 1 and len(versions("diff")) == 1 and len(versions("base", None)) == 1
+    assert len(cycle_runs()) == 1
+    d1.ok(check_invariants(_store(), registry()))
+
+
+def test_crash_mid_finetune_then_rerun_resumes_without_duplicates(fast_family, home, releases, monkeypatch):
+    from flows.release import release_cycle
+
+    c = case("C5b release cycle with its fine-tune killed", "fault")
+
+    publish(fast_family, releases, "v1")
+    spec = make_spec(fast_family)
+    monkeypatch.setenv("RECYCLER_CRASH_AT", "finetune:step=25")  # checkpoints at 10 and 20
+    with pytest.raises(FinetuneFailed, match="re-run the cycle to resume"):
+        release_cycle("v1", str(releases), spec)
+    assert versions("ft") == []  # nothing registered for a model that does not exist yet
+    monkeypatch.delenv("RECYCLER_CRASH_AT")
+    out = release_cycle("v1", str(releases), spec)
+    record = json.loads((home / "work" / "toy" / "arith" / "v1" / "ft" / "training_record.json").read_text())
+    assert record["resumed_from"] == [20] and record["steps"] == 30
+    assert out["registered"]["ft"] == versions("ft")[0].reference
+    assert len(versions("ft")) == 1 and len(versions("diff")) == 1 and len(cycle_runs()) == 1
+    c.ok(check_invariants(_store(), registry()))
+
+
+@pytest.mark.parametrize("point", ["cycle:registered-ft", "cycle:aliases-half-moved"])
+def test_flow_process_killed_mid_registration_then_rerun(
+    fast_family, home, releases, prefect_api, tmp_path, point
+):
+    from flows.release import release_cycle
+
+    c8 = case(f"C8 flow process killed ({point})", "fault")
+    publish(fast_family, releases, "v1")
+    publish(fast_family, releases, "v2")
+    spec = make_spec(fast_family)
+    release_cycle("v1", str(releases), spec)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.model_dump_json())
+    code = (
+        SPEC_CODE.format(spec=str(spec_file))
+        + f"""
+    from flows.release import release_cycle
+    release_cycle("v2", {str(releases)!r}, spec)
+    """
+    )
+    proc = _flow_subprocess(code, prefect_api, {"RECYCLER_CRASH_AT": point})
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == -9, out  # SIGKILL: no cleanup ran
+    d1 = versions("diff")[0]
+    rerun = release_cycle("v2", str(releases), spec)
+    assert rerun["parent_diff"] == d1.reference  # not the Δ the killed run may already have aliased
+    assert [len(versions(k)) for k in ("ft", "diff", "merged")] == [2, 2, 1]
+    assert len(versions("base", None)) == 2 and len(cycle_runs()) == 2
+    assert registry().get("toy-arith-diff", "next-diff").reference == rerun["registered"]["diff"]
+    assert release_cycle("v2", str(releases), spec)["status"] == "already-complete"
+    c8.ok(check_invariants(_store(), registry()))
+
+
+def test_spec_file_resolves_relative_paths_and_reports_errors(tmp_path):
+    from recycler.cli_service import load_spec
+    from recycler.errors import RecyclerError
+
+    (tmp_path / "data").mkdir()
+    good = tmp_path / "family.yaml"
+    good.write_text(
+        "family: llama-3\ntrain: data/train.jsonl\neval_task: /abs/test.jsonl\nfinetune: {max_steps: 5}\n"
+    )
+    spec = load_spec(good)
+    assert spec.train == (tmp_path / "data" / "train.jsonl").resolve() and spec.eval_task == Path(
+        "/abs/test.jsonl"
+    )
+    assert spec.finetune.max_steps == 5 and spec.finetune.learning_rate == 5e-6  # the paper's default kept
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("family: llama-3\ntrain: t.jsonl\neval_task: e.jsonl\nfinetune: {learning_rat: 1}\n")
+    with pytest.raises(RecyclerError, match="learning_rat"):
+        load_spec(bad)
+    bad.write_text("family: [unclosed\n")
+    with pytest.raises(RecyclerError, match="not valid YAML"):
+        load_spec(bad)
+    bad.write_text("family: llama-3\ntrain: t.jsonl\neval_task: e.jsonl\nmode: direct\n")
+    with pytest.raises(RecyclerError, match="needs baseline"):
+        load_spec(bad)

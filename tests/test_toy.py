@@ -1,0 +1,171 @@
+"""Toy family, `recycler reproduce --fast` end to end, and the transferability pre-check.
+
+One fast family is built per session and shared; the determinism test builds it a second time into
+another folder. The whole module takes about two minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import typer
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from recycler.cli_toy import register
+from recycler.errors import IncompatibleCheckpoints
+from recycler.evaluate import load_task
+from recycler.precheck import PrecheckError, precheck
+from recycler.sft_data import load_sft_records
+from recycler.tiny import build_tiny_model
+from recycler.toy import build_toy_family
+from recycler.toy.findings import spearman, steps_to_reach
+from recycler.toy.reproduce import reproduce
+from recycler.toy.world import excluded_problems, task_problems, world_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def weight_digests(family) -> dict[str, str]:
+    return {
+        v: hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+        for v, path in family.versions.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def fast_run(fast_family, toy_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce") / "out"
+    return reproduce(out, fast=True, seeds=1, cache=toy_cache, keep_work=True)
+
+
+# ---- the family ---------------------------------------------------------------------------------------
+
+
+def test_fast_family_layout(fast_family):
+    assert list(fast_family.versions) == ["v1", "v2", "v3", "v4", "v5"]
+    for path in fast_family.versions.values():
+        assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(fast_family.versions["v5"])
+    assert model.config.hidden_size == fast_family.config.hidden
+    assert len(load_sft_records(fast_family.train)) == fast_family.config.n_train
+    assert len(load_task(fast_family.test).examples) == fast_family.config.n_test
+    assert fast_family.finetune_config.learning_rate == 1e-3
+
+
+def test_task_problems_never_in_pretraining():
+    cfg = world_config(fast=True)
+    splits = task_problems(cfg)
+    seen = {name: {(op, min(a, b), max(a, b)) for op, a, b in ps} for name, ps in splits.items()}
+    assert not (seen["train"] & seen["test"]) and not (seen["dev"] & seen["test"])
+    excluded = excluded_problems(splits)
+    assert all((op, a, b) in excluded and (op, b, a) in excluded for op, a, b in splits["test"])
+    assert task_problems(world_config(fast=True, seed=1)) != splits
+
+
+def test_family_is_deterministic_and_cached(fast_family, tmp_path):
+    again = build_toy_family(tmp_path, fast=True, seed=0)
+    assert weight_digests(again) == weight_digests(fast_family)
+    assert again.test.read_bytes() == fast_family.test.read_bytes()
+    before = {p: p.stat().st_mtime_ns for p in again.versions.values()}
+    reused = build_toy_family(tmp_path, fast=True, seed=0)  # cached: nothing rebuilt
+    assert reused.root == again.root
+    assert {p: p.stat().st_mtime_ns for p in reused.versions.values()} == before
+
+
+# ---- reproduce --fast ----------------------------------------------------------------------------------
+
+
+def test_reproduce_fast_writes_report(fast_run):
+    out = fast_run.out
+    for name in (
+        "report.md",
+        "results.json",
+        "transfer.png",
+        "convergence.png",
+        "iterative.png",
+        "precheck.png",
+    ):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    assert "smoke test" in report and "## 2. Transfer without training" in report
+    results = json.loads((out / "results.json").read_text())
+    run = results["runs"][0]
+    V = run["versions"]
+    assert len(V) == 3
+    assert set(run["transfer"]) == set(V) and all(len(row) == len(V) - 1 for row in run["transfer"].values())
+    assert set(run["recycled_curve"]) == set(V[1:]) and set(run["iter_ft"]) == {V[2]}
+    assert set(run["precheck"]) == set(V)
+    assert "precheck_spearman" in results["findings"]
+
+
+def test_fast_finetuning_lifts_accuracy(fast_run):
+    """Real behaviour, not just plumbing: fine-tuning the strongest fast version clearly helps."""
+    run = json.loads((fast_run.out / "results.json").read_text())["runs"][0]
+    last = run["versions"][-1]
+    assert run["ft"][last] > run["base"][last] + 0.03, (run["base"], run["ft"])
+    assert all(run["ft"][v] >= run["base"][v] for v in run["versions"])
+
+
+# ---- pre-check -----------------------------------------------------------------------------------------
+
+
+def test_precheck_ranks_close_version_above_far(fast_run, fast_family):
+    """Target v5: the Δ of v3 (its neighbour in the fast run) must outrank the Δ of v1 (farthest)."""
+    work = fast_run.out / "work" / "seed-0"
+    M = fast_family.versions
+    result = precheck(
+        M["v5"],
+        [work / "delta-v1", work / "delta-v3"],
+        bases=[M["v1"], M["v3"]],
+        sample=fast_family.dev,
+        n=32,
+    )
+    ranked = [Path(c.diff).name for c in result.candidates]
+    assert ranked == ["delta-v3", "delta-v1"], result.model_dump()
+    close, far = result.candidates
+    assert close.relative_distance < far.relative_distance
+    assert set(close.probe_loss) == {"0.5", "1"}
+    # Without a sample the parameter-space signals alone rank them the same way.
+    blind = precheck(M["v5"], [work / "delta-v1", work / "delta-v3"], bases=[M["v1"], M["v3"]])
+    assert [Path(c.diff).name for c in blind.candidates] == ["delta-v3", "delta-v1"]
+    assert blind.signals == ["proximity", "cosine"]
+
+
+def test_precheck_errors(fast_run, fast_family, tmp_path):
+    work = fast_run.out / "work" / "seed-0"
+    with pytest.raises(PrecheckError, match="nothing to score"):
+        precheck(fast_family.versions["v5"], [work / "delta-v1"])
+    with pytest.raises(PrecheckError, match="one --base per --diff"):
+        precheck(fast_family.versions["v5"], [work / "delta-v1"], bases=[])
+    other = build_tiny_model(tmp_path / "other")  # another architecture: cannot be the Δ's base
+    with pytest.raises(IncompatibleCheckpoints, match="not the base"):
+        precheck(fast_family.versions["v5"], [work / "delta-v1"], bases=[other])
+
+
+def test_precheck_cli(fast_run, fast_family, tmp_path):
+    app = typer.Typer()
+    register(app)
+    work = fast_run.out / "work" / "seed-0"
+    M = fast_family.versions
+    args = ["precheck", str(M["v5"]), "--diff", str(work / "delta-v1"), "--diff", str(work / "delta-v3")]
+    args += ["--base", str(M["v1"]), "--base", str(M["v3"]), "--output", str(tmp_path / "pc.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ranked = json.loads((tmp_path / "pc.json").read_text())["candidates"]
+    assert Path(ranked[0]["diff"]).name == "delta-v3"
+
+
+# ---- small pure helpers ----------------------------------------------------------------------------------
+
+
+def test_spearman_and_steps():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
+    assert steps_to_reach([[0, 0.0], [10, 0.5], [20, 0.9]], 0.5) == 10
+    assert steps_to_reach([[0, 0.0], [10, 0.5]], 0.9) == float("inf")
