@@ -5,7 +5,10 @@
 moto runs as a separate `moto_server` process on 127.0.0.1 (in a thread it would share our GIL) and
 keeps objects in memory, so S3 numbers measure our client path (hashing, s3transfer, HTTP), not a
 disk or a network. Every publish and fetch includes the full sha256 verification the store always
-does. Prints MB/s (10^6 bytes per second).
+does. Each row is printed beside its baseline, the same bytes moved with no hashing, no manifest and
+no verification (`shutil.copytree` locally; plain boto3 `upload_file`/`download_file` with the same
+transfer settings on S3), so the ratio is the price of "nothing lost, nothing half-written".
+Prints MB/s (10^6 bytes per second).
 """
 
 from __future__ import annotations
@@ -57,13 +60,31 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("moto_server did not start")
 
 
-def timed(label: str, nbytes: int, fn):
-    """Run fn, print its wall time and throughput, return its result."""
+def timed(fn) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn()
-    seconds = time.perf_counter() - start
-    print(f"{label:<28} {seconds:7.2f} s  {nbytes / seconds / 1e6:8.1f} MB/s", flush=True)
-    return result
+    return time.perf_counter() - start, result
+
+
+def row(label: str, nbytes: int, seconds: float, baseline: float | None) -> None:
+    ratio = f"{seconds / baseline:6.2f}× baseline" if baseline else ""
+    print(f"{label:<28} {seconds:7.2f} s  {nbytes / seconds / 1e6:8.1f} MB/s  {ratio}", flush=True)
+
+
+def plain_s3(s3: S3Store, src: Path, dest: Path) -> tuple[float, float]:
+    """Baseline: upload then download every file with boto3 alone (no hashes, no manifest)."""
+    files = sorted(src.iterdir())
+    up, _ = timed(
+        lambda: [s3.client.upload_file(str(f), "bench", f"plain/{f.name}", Config=s3.transfer) for f in files]
+    )
+    dest.mkdir()
+    down, _ = timed(
+        lambda: [
+            s3.client.download_file("bench", f"plain/{f.name}", str(dest / f.name), Config=s3.transfer)
+            for f in files
+        ]
+    )
+    return up, down
 
 
 def main() -> None:
@@ -85,9 +106,13 @@ def main() -> None:
             f"folder: {nbytes / 1e6:.0f} MB in {args.files} shards; chunk {args.chunk_mb} MiB, concurrency {args.concurrency}"
         )
         local = LocalStore(root / "store")
-        ref = timed("local publish", nbytes, lambda: local.publish(src, "diff"))
-        timed("local fetch", nbytes, lambda: local.fetch(ref, root / "local-out"))
-        timed("local verify", nbytes, lambda: local.verify(ref))
+        copy, _ = timed(lambda: shutil.copytree(src, root / "plain-copy"))
+        seconds, ref = timed(lambda: local.publish(src, "diff"))
+        row("local publish", nbytes, seconds, copy)
+        seconds, _ = timed(lambda: local.fetch(ref, root / "local-out"))
+        row("local fetch", nbytes, seconds, copy)
+        seconds, _ = timed(lambda: local.verify(ref))
+        row("local verify", nbytes, seconds, None)
         proc, endpoint = start_moto()
         s3 = S3Store(
             "bench",
@@ -97,10 +122,17 @@ def main() -> None:
             multipart_chunk_mb=args.chunk_mb,
         )
         s3.client.create_bucket(Bucket="bench")
-        s3ref = timed("s3 (moto) publish", nbytes, lambda: s3.publish(src, "diff"))
-        timed("s3 (moto) publish again", nbytes, lambda: s3.publish(src, "diff"))
-        timed("s3 (moto) fetch", nbytes, lambda: s3.fetch(s3ref, root / "s3-out"))
-        timed("s3 (moto) verify (stream)", nbytes, lambda: s3.verify(s3ref))
+        up, down = plain_s3(s3, src, root / "plain-out")
+        row("s3 plain boto3 upload", nbytes, up, None)
+        row("s3 plain boto3 download", nbytes, down, None)
+        seconds, s3ref = timed(lambda: s3.publish(src, "diff"))
+        row("s3 (moto) publish", nbytes, seconds, up)
+        seconds, _ = timed(lambda: s3.publish(src, "diff"))
+        row("s3 (moto) publish again", nbytes, seconds, up)
+        seconds, _ = timed(lambda: s3.fetch(s3ref, root / "s3-out"))
+        row("s3 (moto) fetch", nbytes, seconds, down)
+        seconds, _ = timed(lambda: s3.verify(s3ref))
+        row("s3 (moto) verify (stream)", nbytes, seconds, None)
     finally:
         if proc is not None:
             proc.terminate()
