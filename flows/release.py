@@ -30,7 +30,7 @@ from recycler.crashpoints import crash_point
 from recycler.cycle import CycleSpec, Services, Workspace
 from recycler.errors import RecyclerError
 from recycler.finetune_config import FinetuneConfig
-from recycler.registry import CHAMPION, NEXT_DIFF, RegisteredVersion, champion_alias
+from recycler.registry import CHAMPION, NEXT_DIFF, RegisteredVersion, Registry, champion_alias
 from recycler.releases import InvalidReleaseId, Release, check_id, check_version, open_source, version_key
 
 RELEASE_CYCLE_DEPLOYMENT = "release-cycle/gpu"
@@ -265,6 +265,8 @@ def _cycle_body(
     if savings:
         _log_metrics({f"savings_{k}": v for k, v in savings.items()})
         _log_savings_plot(record, baseline, version)
+    if run_id:
+        _log_lineage(reg, diff_v)
     reg.set_tags(
         ft_v, {"cycle_status": cy.CYCLE_COMPLETE, "gate": "promoted" if promoted else f"refused: {reason}"}
     )
@@ -289,6 +291,17 @@ def _cycle_body(
             "diff": diff_v.reference,
         },
     }
+
+
+def _log_lineage(registry: Registry, diff: RegisteredVersion) -> None:
+    """Draw the new Δ's lineage (its fine-tune, the merged start, the parent Δs, the bases) into the
+    cycle's run, so the MLflow UI shows the whole chain of cycles as a picture beside the metrics."""
+    from recycler.lineage_plot import lineage_figure
+    from recycler.tracking import log_figure, log_text_artifact
+
+    tree = registry.lineage(diff.name, diff.version, max_depth=8)  # this cycle and the ones before
+    log_figure(lineage_figure(tree), "lineage.png")
+    log_text_artifact(tree.to_mermaid(), "lineage.mmd")
 
 
 def _summary_from(ft: RegisteredVersion) -> dict[str, Any]:

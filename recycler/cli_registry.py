@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
     from recycler.registry import LineageNode
 
 registry_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
@@ -129,6 +127,7 @@ def lineage(
     ] = False,
 ) -> None:
     """Show where a registered model version comes from: fine-tunes, Δs and bases, back to the first base."""
+    from recycler.lineage_plot import lineage_figure
     from recycler.registry import Registry
     from recycler.settings import get_settings
     from recycler.tracking import log_figure, log_json_artifact, log_text_artifact, tracked_run
@@ -185,41 +184,6 @@ def rich_tree(node: LineageNode):
     root = Tree(label(node))
     add(root, node)
     return root
-
-
-def lineage_figure(node: LineageNode) -> Figure:
-    """The lineage as a layered diagram (the version on top, its ancestors below)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    depth: dict[str, int] = {}
-    edges: set[tuple[str, str, str]] = set()
-
-    def visit(n: LineageNode, d: int) -> None:
-        depth[n.label] = max(depth.get(n.label, 0), d)
-        for c in n.children:
-            edges.add((c.label, n.label, c.relation))
-            visit(c, d + 1)
-
-    visit(node, 0)
-    layers: dict[int, list[str]] = {}
-    for label, d in sorted(depth.items(), key=lambda kv: kv[0]):
-        layers.setdefault(d, []).append(label)
-    pos = {lab: (i - (len(labs) - 1) / 2, -d) for d, labs in layers.items() for i, lab in enumerate(labs)}
-    width = max(len(v) for v in layers.values())
-    fig = Figure(figsize=(max(6, 3.2 * width), 1.6 * (len(layers) + 1)))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for src, dst, rel in edges:
-        (x0, y0), (x1, y1) = pos[src], pos[dst]
-        ax.annotate("", xy=(x1, y1 - 0.15), xytext=(x0, y0 + 0.15), arrowprops={"arrowstyle": "->"})
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2, rel, fontsize=7, color="gray", ha="center")
-    for lab, (x, y) in pos.items():
-        ax.text(x, y, lab, ha="center", va="center", fontsize=8, bbox={"boxstyle": "round", "fc": "#eef"})
-    ax.set_xlim(-width / 2 - 0.5, width / 2 + 0.5)
-    ax.set_ylim(-len(layers), 0.6)
-    ax.axis("off")
-    return fig
 
 
 @registry_app.command("ls")

@@ -579,20 +579,35 @@ class Registry:
 
     # ------------------------------------------------------------------------------------ lineage
 
-    def lineage(self, name: str, version_or_alias: str) -> LineageNode:
-        """The tree of versions `name@version_or_alias` descends from, back to the first base."""
-        return self._node(self.get(name, version_or_alias), "self", set())
+    def lineage(self, name: str, version_or_alias: str, *, max_depth: int | None = None) -> LineageNode:
+        """The tree of versions `name@version_or_alias` descends from, back to the first base.
 
-    def _node(self, v: RegisteredVersion, relation: str, seen: set[str]) -> LineageNode:
+        Lineage is a DAG (a fine-tune reaches its parent Δ directly and through its merged start), so a
+        version is expanded once and later occurrences are marked "shown above": the tree grows with
+        the number of cycles, not twice per cycle. `max_depth` cuts it for pictures of long chains.
+        """
+        return self._node(self.get(name, version_or_alias), "self", set(), set(), max_depth)
+
+    def _node(
+        self, v: RegisteredVersion, relation: str, path: set[str], expanded: set[str], depth: int | None
+    ) -> LineageNode:
         node = LineageNode(v.name, v.version, relation, v.kind, v.tags, v.aliases)
-        if v.reference in seen:
+        if v.reference in path:
             node.note = "cycle"
             return node
-        seen = seen | {v.reference}
+        if v.reference in expanded:
+            node.note = "shown above"
+            return node
+        if depth is not None and depth <= 0:
+            node.note = "…"
+            return node
+        expanded.add(v.reference)
+        path = path | {v.reference}
+        below = None if depth is None else depth - 1
         for tag in REF_TAGS:
             if ref := v.tags.get(tag):
                 try:
-                    node.children.append(self._node(self.resolve(ref), tag, seen))
+                    node.children.append(self._node(self.resolve(ref), tag, path, expanded, below))
                 except RegistryError:
                     node.children.append(LineageNode(ref, None, tag, note="not found"))
         release = v.tags.get("base_version", "")
@@ -601,7 +616,9 @@ class Registry:
             bases = self._search(f"name = '{base_name}' and tags.base_version = '{release}'")
             if bases:
                 first = min(bases, key=lambda m: int(m.version))
-                node.children.append(self._node(self.get(base_name, first.version), "base", seen))
+                node.children.append(
+                    self._node(self.get(base_name, first.version), "base", path, expanded, below)
+                )
             else:
                 node.children.append(
                     LineageNode(f"{base_name} {release}", None, "base", "base", note="unregistered")

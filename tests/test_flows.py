@@ -117,8 +117,21 @@ def test_first_cycle_then_iterative_cycle_then_backport(fast_family, home, relea
     assert set(c2["scores"]) == {"base", "merged", "ft"}
 
     # the lineage of the champion reaches base v1 through Δ1 and FT1
-    refs = {f"{n.name}/{n.version}" for n in registry().lineage(ft2.name, "champion").walk()}
+    tree = registry().lineage(ft2.name, "champion")
+    refs = {f"{n.name}/{n.version}" for n in tree.walk()}
     assert {d1.reference, ft1.reference, merged.reference, "toy-base/1", "toy-base/2"} <= refs
+    expanded = [f"{n.name}/{n.version}" for n in tree.walk() if n.children]
+    assert len(expanded) == len(set(expanded))  # a DAG: Δ1 is reached twice but expanded once
+    assert any(n.note == "shown above" and n.name == d1.name for n in tree.walk())
+    short = registry().lineage(ft2.name, "champion", max_depth=1)
+    assert short.children and all(not c.children and c.note == "…" for c in short.children)
+    # each cycle's run carries the lineage picture
+    from mlflow import MlflowClient
+
+    for run in cycle_runs():
+        assert {"lineage.png", "lineage.mmd"} <= {
+            a.path for a in MlflowClient().list_artifacts(run.info.run_id)
+        }
 
     # idempotent: watching again starts nothing and registers nothing
     assert watch_releases(str(releases), spec) == []
