@@ -22,10 +22,10 @@ from recycler.evaluate import load_task
 from recycler.precheck import PrecheckError, precheck
 from recycler.sft_data import load_sft_records
 from recycler.tiny import build_tiny_model
-from recycler.toy import build_toy_family
+from recycler.toy.family import build_family
 from recycler.toy.findings import spearman, steps_to_reach
 from recycler.toy.reproduce import reproduce
-from recycler.toy.world import excluded_problems, task_problems, world_config
+from recycler.toy.world import WorldConfig, excluded_problems, task_problems, world_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -67,12 +67,19 @@ def test_task_problems_never_in_pretraining():
     assert task_problems(world_config(fast=True, seed=1)) != splits
 
 
-def test_family_is_deterministic_and_cached(fast_family, tmp_path):
-    again = build_toy_family(tmp_path, fast=True, seed=0)
-    assert weight_digests(again) == weight_digests(fast_family)
-    assert again.test.read_bytes() == fast_family.test.read_bytes()
+def test_family_is_deterministic_and_cached(tmp_path):
+    """Same seed, same bytes: two builds in separate folders of the fast configuration with a tenth of
+    its pretraining (the same code path as the fast and full families, at a tenth of the test time)."""
+    short = {"warmup_steps": 10, "stage1_steps": 60, "stage1_checkpoints": (20, 40, 60)}
+    short |= {"stage2_steps": 30, "stage2_checkpoints": (15, 30)}
+    config = WorldConfig(**{**world_config(fast=True).model_dump(), **short})
+    first = build_family(tmp_path / "a", config)
+    again = build_family(tmp_path / "b", config)
+    assert weight_digests(again) == weight_digests(first)
+    assert again.test.read_bytes() == first.test.read_bytes()
+    assert again.train.read_bytes() == first.train.read_bytes()
     before = {p: p.stat().st_mtime_ns for p in again.versions.values()}
-    reused = build_toy_family(tmp_path, fast=True, seed=0)  # cached: nothing rebuilt
+    reused = build_family(tmp_path / "b", config)  # cached: nothing rebuilt
     assert reused.root == again.root
     assert {p: p.stat().st_mtime_ns for p in reused.versions.values()} == before
 
