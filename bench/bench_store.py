@@ -66,23 +66,32 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def row(label: str, nbytes: int, seconds: float, baseline: float | None) -> None:
+def measure(label: str, nbytes: int, fn, baseline: float | None = None) -> tuple[float, object]:
+    """Run fn, print its wall time and throughput (and its ratio to `baseline` seconds), return both."""
+    seconds, result = timed(fn)
     ratio = f"{seconds / baseline:6.2f}× baseline" if baseline else ""
     print(f"{label:<28} {seconds:7.2f} s  {nbytes / seconds / 1e6:8.1f} MB/s  {ratio}", flush=True)
+    return seconds, result
 
 
-def plain_s3(s3: S3Store, src: Path, dest: Path) -> tuple[float, float]:
+def plain_s3(s3: S3Store, src: Path, dest: Path, nbytes: int) -> tuple[float, float]:
     """Baseline: upload then download every file with boto3 alone (no hashes, no manifest)."""
     files = sorted(src.iterdir())
-    up, _ = timed(
-        lambda: [s3.client.upload_file(str(f), "bench", f"plain/{f.name}", Config=s3.transfer) for f in files]
+    up, _ = measure(
+        "s3 plain boto3 upload",
+        nbytes,
+        lambda: [
+            s3.client.upload_file(str(f), "bench", f"plain/{f.name}", Config=s3.transfer) for f in files
+        ],
     )
     dest.mkdir()
-    down, _ = timed(
+    down, _ = measure(
+        "s3 plain boto3 download",
+        nbytes,
         lambda: [
             s3.client.download_file("bench", f"plain/{f.name}", str(dest / f.name), Config=s3.transfer)
             for f in files
-        ]
+        ],
     )
     return up, down
 
@@ -107,12 +116,9 @@ def main() -> None:
         )
         local = LocalStore(root / "store")
         copy, _ = timed(lambda: shutil.copytree(src, root / "plain-copy"))
-        seconds, ref = timed(lambda: local.publish(src, "diff"))
-        row("local publish", nbytes, seconds, copy)
-        seconds, _ = timed(lambda: local.fetch(ref, root / "local-out"))
-        row("local fetch", nbytes, seconds, copy)
-        seconds, _ = timed(lambda: local.verify(ref))
-        row("local verify", nbytes, seconds, None)
+        _, ref = measure("local publish", nbytes, lambda: local.publish(src, "diff"), copy)
+        measure("local fetch", nbytes, lambda: local.fetch(ref, root / "local-out"), copy)
+        measure("local verify", nbytes, lambda: local.verify(ref))
         proc, endpoint = start_moto()
         s3 = S3Store(
             "bench",
@@ -122,17 +128,11 @@ def main() -> None:
             multipart_chunk_mb=args.chunk_mb,
         )
         s3.client.create_bucket(Bucket="bench")
-        up, down = plain_s3(s3, src, root / "plain-out")
-        row("s3 plain boto3 upload", nbytes, up, None)
-        row("s3 plain boto3 download", nbytes, down, None)
-        seconds, s3ref = timed(lambda: s3.publish(src, "diff"))
-        row("s3 (moto) publish", nbytes, seconds, up)
-        seconds, _ = timed(lambda: s3.publish(src, "diff"))
-        row("s3 (moto) publish again", nbytes, seconds, up)
-        seconds, _ = timed(lambda: s3.fetch(s3ref, root / "s3-out"))
-        row("s3 (moto) fetch", nbytes, seconds, down)
-        seconds, _ = timed(lambda: s3.verify(s3ref))
-        row("s3 (moto) verify (stream)", nbytes, seconds, None)
+        up, down = plain_s3(s3, src, root / "plain-out", nbytes)
+        _, s3ref = measure("s3 (moto) publish", nbytes, lambda: s3.publish(src, "diff"), up)
+        measure("s3 (moto) publish again", nbytes, lambda: s3.publish(src, "diff"), up)
+        measure("s3 (moto) fetch", nbytes, lambda: s3.fetch(s3ref, root / "s3-out"), down)
+        measure("s3 (moto) verify (stream)", nbytes, lambda: s3.verify(s3ref))
     finally:
         if proc is not None:
             proc.terminate()
