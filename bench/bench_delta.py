@@ -25,7 +25,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from recycler.tiny import build_synthetic_checkpoint, llama_shapes, tiny_llama_config
+from recycler.toy.tiny import build_synthetic_checkpoint, llama_shapes, tiny_llama_config
 
 HIDDEN, INTER, VOCAB = 2048, 5632, 32000
 
@@ -219,7 +219,7 @@ def main() -> None:
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     py = sys.executable
-    recycler = [py, "-m", "recycler.cli"]
+    recycler = [py, "-m", "recycler.cli.app"]
     results = []
     for size in [float(s) for s in args.sizes.split(",")]:
         paths = build(args.workdir, size)

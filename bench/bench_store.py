@@ -24,8 +24,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from recycler.manifest import write_manifest
-from recycler.store import LocalStore, S3Store
+from recycler.io.manifest import write_manifest
+from recycler.store.local import LocalStore
+from recycler.store.s3 import S3Store
 
 
 def make_folder(root: Path, size_mb: int, files: int) -> Path:

@@ -2,8 +2,8 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/finetune_throughput.py [--steps 30] [--seq 200]
 
-Each case builds a random tiny Llama (recycler.tiny), writes synthetic SFT data of ~`--seq` tokens per
-example, runs `recycler.finetune.finetune` (batch 8, no eval, no checkpoints) and reports the training
+Each case builds a random tiny Llama (recycler.toy.tiny), writes synthetic SFT data of ~`--seq` tokens per
+example, runs `recycler.stages.finetune.recipe.finetune` (batch 8, no eval, no checkpoints) and reports the training
 record's tokens_per_s = tokens seen / time inside optimizer steps (model loading and publishing excluded).
 The first step (allocator warm-up) is included; use more steps for steadier numbers.
 """
@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
-from recycler.finetune import finetune
-from recycler.finetune_config import FinetuneConfig
-from recycler.tiny import build_tiny_model
+from recycler.stages.finetune.config import FinetuneConfig
+from recycler.stages.finetune.recipe import finetune
+from recycler.toy.tiny import build_tiny_model
 
 CASES = [
     {"hidden": 32, "layers": 2, "micro": 8},

@@ -4,14 +4,14 @@
     python bench/gpu_bench.py --model M --gpus 8 --config ft.yaml                          # 8 GPUs (FSDP)
     python bench/gpu_bench.py --smoke                                                      # tiny model, CPU
 
-The fine-tune runs the real recipe (`recycler.finetune`) on synthetic SFT data of ~`--seq` tokens per
+The fine-tune runs the real recipe (`recycler.stages.finetune.recipe`) on synthetic SFT data of ~`--seq` tokens per
 example, without evaluation or checkpoints. One process: tokens/s is measured after `--warmup` steps
-(allocator and kernel warm-up excluded). Several GPUs: the run goes through `recycler.launcher` and
+(allocator and kernel warm-up excluded). Several GPUs: the run goes through `recycler.stages.finetune.launcher` and
 tokens/s is the training record's average over all steps. MFU = 6·params·(tokens/s/GPU) / peak, the
 usual model-FLOPs convention (attention FLOPs and activation recomputation are not counted); the peak
 defaults to an A100's dense bf16 312 TFLOP/s, so on CPU the MFU column is only a formality.
-Then Δ = fine-tuned − base is extracted (`recycler.extract.diff_checkpoints`) and applied to
-`--target` (default: the base) with `recycler.transfer.apply_diff`; GB/s = checkpoint bytes / wall time.
+Then Δ = fine-tuned − base is extracted (`recycler.stages.extract.diff_checkpoints`) and applied to
+`--target` (default: the base) with `recycler.stages.apply.apply_diff`; GB/s = checkpoint bytes / wall time.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from pathlib import Path
 import yaml
 from transformers.utils import logging as hf_logging
 
-from recycler.checkpoint import open_checkpoint
-from recycler.extract import diff_checkpoints
-from recycler.finetune import StepReport, finetune
-from recycler.finetune_config import FinetuneConfig
-from recycler.launcher import detect_gpus, run_finetune
-from recycler.tiny import build_tiny_model, perturb_model
-from recycler.transfer import apply_diff
+from recycler.io.checkpoint import open_checkpoint
+from recycler.stages.apply import apply_diff
+from recycler.stages.extract import diff_checkpoints
+from recycler.stages.finetune.config import FinetuneConfig
+from recycler.stages.finetune.launcher import detect_gpus, run_finetune
+from recycler.stages.finetune.recipe import finetune
+from recycler.stages.finetune.run import StepReport
+from recycler.toy.tiny import build_tiny_model, perturb_model
 
 A100_BF16_TFLOPS = 312.0
 

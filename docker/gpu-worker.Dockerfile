@@ -42,7 +42,7 @@ RUN apt-get update \
  && chown 10001:10001 /scratch
 COPY --from=build /opt/venv /opt/venv
 # Deployment entrypoints (flows/release.py:...) resolve against the working directory; the accelerate
-# configs are found through RECYCLER_ACCELERATE_CONFIGS (recycler.launcher); the benchmark runs on a node.
+# configs are found through RECYCLER_ACCELERATE_CONFIGS (recycler.stages.finetune.launcher); the benchmark runs on a node.
 COPY flows /opt/recycler/flows
 COPY infra/accelerate /opt/recycler/accelerate
 COPY bench/gpu_bench.py /opt/recycler/bench/gpu_bench.py

@@ -11,12 +11,15 @@ v1,v2,v3` shows the weak end, where the cycle's gate falls back to fine-tuning f
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from recycler.errors import OutputExists, RecyclerError
 
 Say = Callable[[str], None]
 
@@ -53,8 +56,11 @@ DEFAULT_VERSIONS = ("v3", "v4", "v5")
 
 
 def run_demo(output: Path, *, fast: bool, say: Say, versions: tuple[str, ...] = DEFAULT_VERSIONS) -> dict:
-    from flows.release import EvalOptions, backport, watch_releases
-    from recycler.cycle import CycleSpec
+    from recycler_flows.release import watch_releases
+    from recycler_flows.transfer import backport
+
+    from recycler.service.spec import CycleSpec
+    from recycler.service.transfer import TransferOptions
     from recycler.settings import get_settings
     from recycler.toy import build_toy_family
     from recycler.toy.experiments import TOY_MAX_RELATIVE_NORM
@@ -66,8 +72,6 @@ def run_demo(output: Path, *, fast: bool, say: Say, versions: tuple[str, ...] = 
     fam = build_toy_family(cache, fast=fast)
     timings["toy family"] = time.perf_counter() - t0
     if unknown := [v for v in versions if v not in fam.versions]:
-        from recycler.errors import RecyclerError
-
         raise RecyclerError(f"unknown toy versions {unknown}; the family has {list(fam.versions)}")
     spec = CycleSpec(
         family="toy",
@@ -90,7 +94,7 @@ def run_demo(output: Path, *, fast: bool, say: Say, versions: tuple[str, ...] = 
         timings[f"cycle {version}"] = time.perf_counter() - t
     t = time.perf_counter()
     say(f"backporting the newest Δ onto {versions[0]} …")
-    options = EvalOptions(
+    options = TransferOptions(
         extract=spec.finetune.eval_extract, max_new_tokens=spec.finetune.eval_max_new_tokens
     )
     back = backport("toy-arith-diff@next-diff", versions[0], "toy", str(fam.test), "arith", options)
@@ -98,6 +102,49 @@ def run_demo(output: Path, *, fast: bool, say: Say, versions: tuple[str, ...] = 
     timings["total"] = time.perf_counter() - t0
     settings = get_settings()
     return {"cycles": cycles, "backport": back, "timings": timings, "tracking_uri": settings.tracking_uri}
+
+
+def main(output: Path, *, fast: bool, versions: tuple[str, ...], overwrite: bool) -> dict:
+    """`recycler demo`: run the demo into OUTPUT and print its table, the registry versions, timings
+    and the commands that open the lineage and the MLflow UI."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console, out = Console(stderr=True), Console()
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise OutputExists(f"{output} holds an earlier demo; pass --overwrite to start over")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    os.environ.update(embedded_environment(output))
+    start = time.perf_counter()
+    result = run_demo(
+        output,
+        fast=fast,
+        say=lambda m: console.print(f"[bold]»[/bold] {m}", highlight=False),
+        versions=versions,
+    )
+    table = Table(title=f"recycler demo: toy family, {len(result['cycles'])} release cycles + backport")
+    for col in REPORT_COLUMNS:
+        table.add_column(col)
+    rows, registered = format_report(result)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+    out.print(
+        "accuracy on the held-out task; steps to FT(M): steps FT from M+Δ needs to reach FT(M)'s final accuracy"
+    )
+    out.print("registered: " + " · ".join(registered))
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in result["timings"].items())
+    out.print(f"timings: {timings} (wall {time.perf_counter() - start:.0f} s)")
+    (output / "demo.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    out.print(
+        f"lineage: recycler lineage toy-arith-ft@champion   (with RECYCLER_HOME={output / '.recycler'})"
+    )
+    out.print(
+        f"MLflow UI: mlflow ui --backend-store-uri {result['tracking_uri']} --port 5000   then open http://127.0.0.1:5000"
+    )
+    return result
 
 
 def format_report(result: dict) -> tuple[list[list[str]], list[str]]:

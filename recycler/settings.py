@@ -49,6 +49,13 @@ class Settings(BaseSettings):
         return self
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///…` URI (query stripped), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :].partition("?")[0])
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Process-wide settings (read once from the environment; tests construct `Settings` directly)."""

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from recycler.tiny import build_tiny_model, perturb_model
+from recycler.toy.tiny import build_tiny_model, perturb_model
 
 pytest_plugins = ["servers"]  # session fixtures with real servers: moto_s3, mlflow_server, postgres, …
 
@@ -68,7 +68,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def delta(models, tmp_path_factory) -> Path:
     """Δ = tuned − base (float32), shared by read-only tests."""
-    from recycler.extract import diff_checkpoints
+    from recycler.stages.extract import diff_checkpoints
 
     out = tmp_path_factory.mktemp("deltas") / "delta"
     diff_checkpoints(models["base"], models["tuned"], out, max_shard_bytes=40_000)
@@ -86,6 +86,24 @@ def fast_family(toy_cache):
     from recycler.toy import build_toy_family
 
     return build_toy_family(toy_cache, fast=True, seed=0)
+
+
+# Tests that use one of these talk to a real server started for them: the `integration` tier, left out
+# of `make test-fast` (pytest -m "not integration and not slow").
+SERVER_FIXTURES = {
+    "moto_s3",
+    "mlflow_server",
+    "postgres",
+    "mlflow_pg_server",
+    "prefect_api",
+    "prefect_server",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

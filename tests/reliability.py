@@ -15,10 +15,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recycler.atomic import TMP_MARK
-from recycler.checkpoint import MANIFEST_NAME
-from recycler.errors import VerificationFailed
-from recycler.store import KINDS, ArtifactNotFound, LocalStore, S3Store
+from recycler.errors import ArtifactNotFound, VerificationFailed
+from recycler.io.atomic import TMP_MARK
+from recycler.io.checkpoint import MANIFEST_NAME
+from recycler.store import KINDS
+from recycler.store.local import LocalStore
+from recycler.store.s3 import S3Store
 
 CATEGORIES = {
     "bad_input": "bad inputs rejected",

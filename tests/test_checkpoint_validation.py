@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from recycler.checkpoint import open_checkpoint
 from recycler.errors import InvalidCheckpoint
-from recycler.extract import diff_checkpoints
-from recycler.safetensors_format import read_header
+from recycler.io.checkpoint import open_checkpoint
+from recycler.io.safetensors import read_header
+from recycler.stages.extract import diff_checkpoints
 
 
 def _file(tmp: Path, name: str = "model.safetensors") -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recycler.delta_math import (
+from recycler.delta.math import (
     apply,
     apply_into,
     diff,
@@ -13,7 +13,7 @@ from recycler.delta_math import (
     roundtrip_mismatches,
     tensor_family,
 )
-from recycler.vocab import align_by_prefix, align_by_tokens, row_runs
+from recycler.delta.vocab import align_by_prefix, align_by_tokens, row_runs
 
 
 def test_hand_computed_values():
@@ -85,9 +85,14 @@ def test_streaming_kernels_match_eager_bitwise():
     tuned = (base.float() + 0.01 * torch.randn(4096, generator=g)).to(torch.bfloat16)
     out32, scratch = torch.empty(4096), torch.empty(4096)
     assert torch.equal(diff_into(base, tuned, scratch, out32), diff(base, tuned))
+    assert torch.equal(scratch, base.float())  # the widened base comes back for norms and round trips
     for alpha in (1.0, 0.5, -0.3):
-        res = apply_into(tuned, out32, alpha, torch.empty(4096), torch.empty(4096, dtype=torch.bfloat16))
-        assert torch.equal(res, apply(tuned, out32, alpha))
+        acc = apply_into(tuned, out32, alpha, torch.empty(4096))
+        assert torch.equal(acc.to(torch.bfloat16), apply(tuned, out32, alpha))
+    assert torch.equal(apply_into(tuned, None, 1.0, torch.empty(4096)), tuned.float())
+    assert roundtrip_mismatches(base.float(), tuned, out32) == 0  # bf16 through a float32 Δ: exact
+    lossy = out32.to(torch.bfloat16)
+    assert roundtrip_mismatches(base.float(), tuned, lossy) == int((apply(base, lossy) != tuned).sum())
 
 
 def test_shape_mismatch_is_an_error():

@@ -10,6 +10,7 @@ import torch
 from conftest import load_state
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from recycler.delta.policy import ApplyPolicy
 from recycler.errors import (
     IncompatibleCheckpoints,
     NonFiniteValues,
@@ -17,10 +18,9 @@ from recycler.errors import (
     UnrelatedModels,
     VerificationFailed,
 )
-from recycler.extract import diff_checkpoints
-from recycler.manifest import verify_folder
-from recycler.policy import ApplyPolicy
-from recycler.transfer import apply_diff, recycle
+from recycler.io.manifest import verify_folder
+from recycler.stages.apply import apply_diff, recycle
+from recycler.stages.extract import diff_checkpoints
 
 
 def expected(target: dict, base: dict, tuned: dict, alpha: float = 1.0) -> dict:
@@ -259,7 +259,7 @@ def test_output_rules(delta, models, tmp_path):
 
 
 def test_crash_mid_write_leaves_nothing(delta, models, tmp_path, monkeypatch):
-    import recycler.transfer as transfer
+    import recycler.stages.apply as transfer
 
     calls = {"n": 0}
     real = transfer.ShardedWriter.submit

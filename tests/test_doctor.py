@@ -16,25 +16,26 @@ import typer
 from servers import free_port
 from typer.testing import CliRunner
 
-from recycler.atomic import TMP_MARK
-from recycler.cli_doctor import register
-from recycler.doctor import (
+from recycler.cli.doctor import register
+from recycler.doctor import CheckResult, failed
+from recycler.doctor import run_doctor as _run_doctor
+from recycler.doctor.packages import audit_report, check_pins, check_vulnerabilities
+from recycler.doctor.registry import check_locks
+from recycler.doctor.storage import (
     LIFECYCLE_RULE_ID,
-    CheckResult,
     check_lifecycle,
-    check_locks,
     check_multipart_uploads,
     check_partial_publishes,
     check_temporaries,
-    check_versions,
-    failed,
     open_doctor_store,
-    run_doctor,
 )
-from recycler.manifest import write_manifest
-from recycler.registry import LOCK_PREFIX, Registry
+from recycler.io.atomic import TMP_MARK
+from recycler.io.manifest import write_manifest
+from recycler.registry.client import Registry
+from recycler.registry.names import LOCK_PREFIX
 from recycler.settings import Settings, get_settings
-from recycler.store import LocalStore, S3Store
+from recycler.store.local import LocalStore
+from recycler.store.s3 import S3Store
 
 GOOD = {
     "torch": "2.13.0+cpu",
@@ -90,41 +91,59 @@ def s3_settings(moto_s3, tmp_path, monkeypatch) -> Settings:
 # ---------------------------------------------------------------------------------------------- pure
 
 
-def test_vulnerable_ranges_and_prefect_pins():
-    assert all(r.status == "ok" for r in check_versions(GOOD)), check_versions(GOOD)
-    bad = by_name(
-        check_versions(
-            {
-                **GOOD,
-                "torch": "2.5.1",
-                "transformers": "4.47.1",
-                "mlflow": "2.9.0",
-                "fastapi": "0.151.0",
-                "sqlalchemy": "2.1.0",
-            }
-        )
-    )
-    assert bad["package torch"].status == "fail" and "CVE-2025-32434" in bad["package torch"].detail
-    assert (
-        bad["package transformers"].status == "fail"
-        and "CVE-2024-11392" in bad["package transformers"].detail
-    )
-    assert (
-        bad["package mlflow"].status == "fail" and len(bad["package mlflow"].items) == 2
-    )  # both mlflow ranges
+def run_doctor(settings, **kw):
+    """The doctor without its pip-audit run (≈17 s against PyPI here; tested once on its own below)."""
+    return _run_doctor(settings, audit=False, **kw)
+
+
+def test_prefect_pins():
+    assert all(r.status == "ok" for r in check_pins(GOOD)), check_pins(GOOD)
+    bad = by_name(check_pins({**GOOD, "fastapi": "0.151.0", "sqlalchemy": "2.1.0"}))
     assert bad["pin fastapi"].status == "fail" and "<0.151" in bad["pin fastapi"].detail
     assert bad["pin sqlalchemy"].status == "fail" and "<2.1" in bad["pin sqlalchemy"].detail
-    assert bad["package safetensors"].status == "ok"
-    newer_mlflow = by_name(check_versions({**GOOD, "mlflow": "3.7.2"}))["package mlflow"]
-    assert newer_mlflow.status == "fail" and "CVE-2026-2033" in newer_mlflow.detail
-    assert "CVE-2024-2928" not in newer_mlflow.detail
-    # the first fixed releases are clean (ranges are exclusive)
-    edge = check_versions({**GOOD, "torch": "2.6.0", "transformers": "4.48.0", "mlflow": "3.8.0"})
-    assert not failed(edge), edge
     # the pins belong to Prefect 3.8/3.9; without Prefect they do not apply, without FastAPI it cannot run
-    no_prefect = by_name(check_versions({**GOOD, "prefect": None, "fastapi": "0.200.0"}))
-    assert no_prefect["package prefect"].status == "warn" and "pin fastapi" not in no_prefect
-    assert by_name(check_versions({**GOOD, "fastapi": None}))["pin fastapi"].status == "fail"
+    assert check_pins({**GOOD, "prefect": None, "fastapi": "0.200.0"}) == []
+    assert check_pins({**GOOD, "prefect": "3.10.0", "fastapi": "0.200.0"}) == []
+    assert by_name(check_pins({**GOOD, "fastapi": None}))["pin fastapi"].status == "fail"
+
+
+def test_pip_audit_report_is_read_without_claiming_unaudited_packages_are_clean():
+    """pip-audit's JSON (`--format json`): a known vulnerability fails, an unaudited package warns."""
+    vuln = {
+        "id": "GHSA-xxxx-yyyy-zzzz",
+        "fix_versions": ["3.8.0"],
+        "aliases": ["CVE-2026-2033"],
+        "description": "…",
+    }
+    found = audit_report(
+        {
+            "dependencies": [
+                {"name": "mlflow", "version": "3.7.2", "vulns": [vuln]},
+                {"name": "torch", "version": "2.13.0", "vulns": []},
+            ]
+        }
+    )
+    assert found.status == "fail" and "mlflow 3.7.2: GHSA-xxxx-yyyy-zzzz (fixed in 3.8.0)" in found.detail
+    partial = audit_report(
+        {
+            "dependencies": [
+                {"name": "torch", "version": "2.13.0", "vulns": []},
+                {"name": "accelerate", "skip_reason": "Dependency not found on PyPI"},
+            ]
+        }
+    )
+    assert partial.status == "warn" and "checked 1 of 2" in partial.detail and partial.items == ["accelerate"]
+    clean = audit_report({"dependencies": [{"name": "torch", "version": "2.13.0", "vulns": []}]})
+    assert clean.status == "ok" and "none known in 1" in clean.detail
+
+
+@pytest.mark.integration
+def test_pip_audit_runs_on_this_environment():
+    """The real pip-audit against PyPI: here its per-version API is unreachable (so: warn, with the count),
+    elsewhere it audits; either way the finding says what was checked and nothing crashes."""
+    result = check_vulnerabilities()
+    assert result.name == "vulnerabilities" and result.status in ("ok", "warn", "fail"), result
+    assert "pip-audit" in result.detail or result.status == "fail"
 
 
 # ---------------------------------------------------------------------------------------------- local
@@ -170,8 +189,8 @@ def test_corrupted_or_missing_artifact_is_a_failure_and_never_deleted(local, tmp
         and "sha256" in artifacts.detail
     )
     assert versions.status == "fail" and len(versions.items) == 2
-    assert any("fam-base/v1" in i and "incomplete" in i for i in versions.items)
-    assert any("fam-base/v2" in i and "missing" in i for i in versions.items)
+    assert any("fam-base/1:" in i and "incomplete" in i for i in versions.items)
+    assert any("fam-base/2:" in i and "missing" in i for i in versions.items)
     assert shard.read_bytes() == bytes(data)  # reported, not repaired or removed
     assert failed(results.values())
 
@@ -334,18 +353,18 @@ def test_cli_json_table_and_exit_code(local, tmp_path, monkeypatch):
     runner = CliRunner()
     get_settings.cache_clear()
     try:
-        r = runner.invoke(app, ["doctor", "--json"])
+        r = runner.invoke(app, ["doctor", "--json", "--no-audit"])
         assert r.exit_code == 0, r.output
         body = json.loads(r.stdout)
         assert body["ok"] is True
         assert {"name", "status", "detail", "fixable", "fixed"} <= set(body["results"][0])
         assert {x["name"]: x["status"] for x in body["results"]}["artifacts"] == "ok"
-        r = runner.invoke(app, ["doctor"])
+        r = runner.invoke(app, ["doctor", "--no-audit"])
         assert r.exit_code == 0 and "recycler doctor" in r.stdout and "artifacts" in r.stdout
 
         shard = Path(ref.uri) / "model.safetensors"
         shard.write_bytes(b"\0" * shard.stat().st_size)
-        r = runner.invoke(app, ["doctor", "--json"])
+        r = runner.invoke(app, ["doctor", "--json", "--no-audit"])
         assert r.exit_code == 1, r.output
         body = json.loads(r.stdout)
         statuses = {x["name"]: x["status"] for x in body["results"]}
@@ -354,7 +373,7 @@ def test_cli_json_table_and_exit_code(local, tmp_path, monkeypatch):
             and statuses["artifacts"] == "fail"
             and statuses["registered versions"] == "fail"
         )
-        r = runner.invoke(app, ["doctor"])
+        r = runner.invoke(app, ["doctor", "--no-audit"])
         assert r.exit_code == 1 and "fail" in r.stdout
     finally:
         get_settings.cache_clear()

@@ -14,15 +14,21 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from recycler.answers import extract_number
-from recycler.evaluate import Evaluator, GenerationTask, LossEvaluator, MultipleChoiceTask, load_task
-from recycler.finetune import finetune
-from recycler.finetune_config import FinetuneConfig
-from recycler.lm_eval_adapter import run_lm_eval
-from recycler.lm_scoring import greedy_generate, prompt_ids
-from recycler.sft_data import encode_records, load_sft_records
-from recycler.tiny import build_tiny_model
-from recycler.train_errors import InvalidData, InvalidTask, MissingOptionalDependency
+from recycler.errors import InvalidData, InvalidTask, MissingOptionalDependency
+from recycler.stages.evaluate.answers import extract_number
+from recycler.stages.evaluate.evaluators import (
+    Evaluator,
+    GenerationTask,
+    LossEvaluator,
+    MultipleChoiceTask,
+    load_task,
+)
+from recycler.stages.evaluate.lm_eval import run_lm_eval
+from recycler.stages.evaluate.scoring import greedy_generate, prompt_ids
+from recycler.stages.finetune.config import FinetuneConfig
+from recycler.stages.finetune.data import encode_records, load_sft_records
+from recycler.stages.finetune.recipe import finetune
+from recycler.toy.tiny import build_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -188,7 +194,7 @@ def test_heldout_loss_drops_after_training(trained: Path, base: Path, tmp_path: 
 
 
 def test_generation_task_from_messages(trained: Path) -> None:
-    from recycler.evaluate import GenerationExample
+    from recycler.stages.evaluate.evaluators import GenerationExample
 
     task = GenerationTask(
         "m", [GenerationExample(1, [{"role": "user", "content": "2+3?"}], "5")], max_new_tokens=4
@@ -246,7 +252,7 @@ def test_lm_eval_results_become_an_eval_result(base: Path, monkeypatch: pytest.M
 def cli_app() -> object:
     import typer
 
-    from recycler.cli_train import register
+    from recycler.cli.train import register
 
     app = typer.Typer()
     register(app)

@@ -17,14 +17,21 @@ from reliability import case, check_invariants
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from recycler import train_state as ts
-from recycler.cli_train import main, register
-from recycler.errors import NonFiniteValues, OutputExists
-from recycler.finetune import finetune, param_groups
-from recycler.finetune_config import FinetuneConfig, make_plan
-from recycler.finetune_output import RECORD
-from recycler.tiny import build_tiny_model
-from recycler.train_errors import InvalidConfig, InvalidData, InvalidModelFolder, ResumeError
+from recycler.cli.train import main, register
+from recycler.errors import (
+    InvalidConfig,
+    InvalidData,
+    InvalidModelFolder,
+    NonFiniteValues,
+    OutputExists,
+    ResumeError,
+)
+from recycler.stages.finetune import state as ts
+from recycler.stages.finetune.config import FinetuneConfig, make_plan
+from recycler.stages.finetune.output import RECORD
+from recycler.stages.finetune.recipe import finetune
+from recycler.stages.finetune.run import param_groups
+from recycler.toy.tiny import build_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +85,7 @@ def run_cli(args: list[str], crash_at: str | None = None) -> subprocess.Complete
 def finetune_args(work: dict, out: Path) -> list[str]:
     return [
         "-m",
-        "recycler.cli_train",
+        "recycler.cli.train",
         "finetune",
         str(work["base"]),
         "--data",
@@ -197,7 +204,7 @@ def test_existing_output_overwrite_and_changed_config_on_resume(work, tmp_path: 
         if name == "finetune:step=3":
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr("recycler.finetune.crash_point", crash)
+    monkeypatch.setattr("recycler.stages.finetune.recipe.crash_point", crash)
     with pytest.raises(RuntimeError, match="simulated"):
         finetune(work["base"], work["train"], out, cfg)
     monkeypatch.undo()
@@ -220,7 +227,7 @@ def test_non_finite_loss_stops_training(work, tmp_path: Path, monkeypatch) -> No
     def nan_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return logits.sum() * float("nan")
 
-    monkeypatch.setattr("recycler.finetune.token_nll_sum", nan_loss)
+    monkeypatch.setattr("recycler.stages.finetune.recipe.token_nll_sum", nan_loss)
     with pytest.raises(NonFiniteValues, match="training loss became nan at step 1"):
         finetune(work["base"], work["train"], tmp_path / "out", FinetuneConfig.from_yaml(work["yaml"]))
     assert not (tmp_path / "out" / RECORD).exists()

@@ -7,7 +7,6 @@ run: `RECYCLER_FUZZ_EXAMPLES=200000 .venv/bin/pytest tests/test_fuzz_validator.p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
@@ -19,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability import case
 
-from recycler.checkpoint import open_checkpoint
 from recycler.errors import InvalidCheckpoint
-from recycler.safetensors_format import read_header
+from recycler.io.checkpoint import open_checkpoint
+from recycler.io.safetensors import read_header
 
 EXAMPLES = int(os.environ.get("RECYCLER_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(
@@ -103,5 +102,10 @@ def test_index_files(weight_map, with_metadata):
         (folder / "config.json").write_text('{"model_type": "llama"}')
         body = {"weight_map": weight_map, **({"metadata": {"total_size": 1}} if with_metadata else {})}
         (folder / "model.safetensors.index.json").write_text(json.dumps(body))
-        with contextlib.suppress(InvalidCheckpoint):
-            open_checkpoint(folder)
+        try:
+            ckpt = open_checkpoint(folder)
+        except InvalidCheckpoint as e:
+            assert str(folder) in str(e)  # refused, naming the folder (and no other exception type)
+        else:  # accepted: only possible when every listed shard is a real file inside the folder
+            assert all(e.file.parent == folder for e in ckpt.tensors.values())
+            assert set(ckpt.tensors) == set(weight_map)

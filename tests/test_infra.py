@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recycler import launcher
+from recycler.stages.finetune import launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -250,7 +250,7 @@ def test_deployments_and_kubernetes_workers() -> None:
     assert sorted((d["name"], d["work_pool"]["name"]) for d in deployments) == [
         ("gpu", "a100"), ("manual", "cpu"), ("manual", "cpu"), ("watcher", "cpu"),
     ]  # fmt: skip
-    assert all(d["entrypoint"].startswith("flows/release.py:") for d in deployments)
+    assert all(d["entrypoint"].startswith(("flows/release.py:", "flows/transfer.py:")) for d in deployments)
     watcher = next(d for d in deployments if d["name"] == "watcher")
     assert watcher["schedules"][0]["interval"] > 0
     docs = list(yaml.safe_load_all((INFRA / "k8s" / "workers.yaml").read_text()))
@@ -288,9 +288,13 @@ def test_accelerate_configs(name: str, dist: str, machines: int, strategy: str |
         assert fsdp["fsdp_sharding_strategy"] == strategy and fsdp["fsdp_activation_checkpointing"] is True
         assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
         assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer  # the name still exists
+        from transformers import LlamaForCausalLM
 
-        assert LlamaDecoderLayer.__name__ == "LlamaDecoderLayer"
+        from recycler.toy.tiny import tiny_llama_config
+
+        # accelerate wraps the modules whose class has this name: a Llama built by today's transformers has them
+        classes = {type(m).__name__ for m in LlamaForCausalLM(tiny_llama_config(64)).modules()}
+        assert fsdp["fsdp_transformer_layer_cls_to_wrap"] in classes
 
 
 FT_ARGS = ["/models/base", "--data", "train.jsonl", "-o", "/out/ft"]
@@ -302,7 +306,7 @@ def parse_launch(argv: list[str]):  # type: ignore[no-untyped-def]
 
     assert argv[:2] == ["accelerate", "launch"]
     args = launch_command_parser().parse_args(argv[2:])
-    assert args.module and args.training_script == "recycler.cli_train"
+    assert args.module and args.training_script == "recycler.cli.train"
     assert args.training_script_args == ["finetune", *FT_ARGS]
     return _validate_launch_command(args)[0]
 
@@ -312,7 +316,7 @@ def test_launch_one_gpu() -> None:
     assert argv == [
         "accelerate", "launch", "--config_file", str(launcher.CONFIG_DIR / "single-gpu.yaml"),
         "--num_machines", "1", "--num_processes", "1", "--mixed_precision", "bf16",
-        "-m", "recycler.cli_train", "finetune", *FT_ARGS,
+        "-m", "recycler.cli.train", "finetune", *FT_ARGS,
     ]  # fmt: skip
     args = parse_launch(argv)
     assert not args.use_fsdp and not args.multi_gpu and args.mixed_precision == "bf16"
@@ -351,7 +355,7 @@ def test_run_finetune_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launcher.subprocess, "run", lambda argv, **kw: calls.append(argv))
     launcher.run_finetune(FT_ARGS, gpus_per_node=0)
     launcher.run_finetune(FT_ARGS, gpus_per_node=8)
-    assert calls[0] == [sys.executable, "-m", "recycler.cli_train", "finetune", *FT_ARGS]
+    assert calls[0] == [sys.executable, "-m", "recycler.cli.train", "finetune", *FT_ARGS]
     assert calls[1][:4] == [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     assert calls[1][-6:] == ["finetune", *FT_ARGS]
     import torch

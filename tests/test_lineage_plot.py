@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from recycler.lineage_plot import layers, lineage_figure
-from recycler.registry import LineageNode
+from recycler.registry.lineage import LineageNode
+from recycler.registry.lineage_plot import layers, lineage_figure
 
 
 def node(

@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from recycler.tiny import build_synthetic_checkpoint, llama_shapes
+from recycler.toy.tiny import build_synthetic_checkpoint, llama_shapes
 
 PROBE = r"""
 import json, sys
 from pathlib import Path
 import torch  # imports count toward the baseline, not toward the operation
-from recycler.extract import diff_checkpoints
-from recycler.transfer import recycle
+from recycler.stages.extract import diff_checkpoints
+from recycler.stages.apply import recycle
 root = Path(sys.argv[1])
 def status(key):
     line = next(l for l in open("/proc/self/status") if l.startswith(key))

@@ -17,11 +17,15 @@ from pathlib import Path
 import pytest
 from reliability import case, check_invariants
 
-from recycler.errors import VerificationFailed
-from recycler.manifest import verify_folder, write_manifest
-from recycler.registry import LOCK_PREFIX, Registry, RegistryError, RegistryUnavailable, champion_alias
+from recycler.errors import ArtifactNotFound, RegistryError, RegistryUnavailable, VerificationFailed
+from recycler.io.manifest import verify_folder, write_manifest
+from recycler.registry.client import Registry
+from recycler.registry.lineage import lineage
+from recycler.registry.names import LOCK_PREFIX, Lineage, champion_alias
 from recycler.settings import Settings
-from recycler.store import ArtifactNotFound, LocalStore, S3Store, ensure_manifest, prepare, resolve_uri
+from recycler.store import ensure_manifest, prepare, resolve_uri
+from recycler.store.local import LocalStore
+from recycler.store.s3 import S3Store
 
 pytestmark = pytest.mark.integration
 MB = 1024 * 1024
@@ -213,7 +217,7 @@ def _copy_with_manifest(src: Path, dest: Path) -> Path:
 
 def test_round_trip_publish_register_alias_lineage(registry, s3store, models, delta, tmp_path):
     """Lin et al.'s cycle on tiny models: base v1 → ft v1 → Δ → base v2 + Δ → ft v2, all registered."""
-    from recycler.transfer import apply_diff
+    from recycler.stages.apply import apply_diff
 
     fam, var = f"rt-{uuid.uuid4().hex[:6]}", "math"
     pub = lambda folder, kind: s3store.publish(folder, kind)  # noqa: E731
@@ -234,7 +238,12 @@ def test_round_trip_publish_register_alias_lineage(registry, s3store, models, de
     )
     d_ref = pub(delta, "diff")
     d1 = registry.register(
-        "diff", fam, var, d_ref, base_version="v1", source_ft=ft1.reference, diff_mode="float32"
+        "diff",
+        fam,
+        var,
+        d_ref,
+        base_version="v1",
+        lineage=Lineage(source_ft=ft1.reference, diff_mode="direct"),
     )
     assert registry.register("diff", fam, var, d_ref, base_version="v1").version == d1.version  # idempotent
     registry.set_alias("diff", fam, var, "next-diff", d1.version)
@@ -252,7 +261,7 @@ def test_round_trip_publish_register_alias_lineage(registry, s3store, models, de
         var,
         pub(merged_dir, "model"),
         base_version="v2",
-        parent_diff=f"{fam}-{var}-diff@next-diff",
+        lineage=Lineage(parent_diff=f"{fam}-{var}-diff@next-diff"),
     )
     ft2_dir = make_folder(tmp_path / "f2", seed=7, kind="model")  # stands in for a fine-tune of m2
     ft2 = registry.register(
@@ -261,8 +270,7 @@ def test_round_trip_publish_register_alias_lineage(registry, s3store, models, de
         var,
         pub(ft2_dir, "model"),
         base_version="v2",
-        parent_diff=d1.reference,
-        extra_tags={"source_merged": m2.reference},
+        lineage=Lineage(parent_diff=d1.reference, source_merged=m2.reference),
         metrics={"acc": 0.7},
     )
     for alias in ("champion", champion_alias("v2")):
@@ -271,13 +279,15 @@ def test_round_trip_publish_register_alias_lineage(registry, s3store, models, de
     assert m2.tags["parent_diff"] == d1.reference  # the alias was resolved to a fixed version
     assert registry.get_alias("ft", fam, var, "champion-v2").version == ft2.version
     assert registry.get_alias("ft", fam, var, "champion-v9") is None
-    assert registry.processed_base_versions(fam, var) == {"v1", "v2"}
+    assert (
+        registry.base_version(fam, "v2").version == base2.version and registry.base_version(fam, "v9") is None
+    )
     assert {v.version: v.aliases for v in registry.versions("ft", fam, var)} == {
         "1": (),
         "2": ("champion", "champion-v2"),
     }
     assert fam in registry.families()
-    tree = registry.lineage(f"{fam}-{var}-ft", "champion")
+    tree = lineage(registry, f"{fam}-{var}-ft", "champion")
     labels = {(n.relation, n.label) for n in tree.walk()}
     assert ("base", f"{base1.name} v{base1.version}") in labels and (
         "base",
@@ -363,7 +373,9 @@ def test_names_and_references_are_validated(mlflow_server):
         with pytest.raises(RegistryError, match="family"):
             reg.register("diff", family, "v", ref, base_version="b1")
     with pytest.raises(RegistryError, match="not found"):
-        reg.register("diff", "fam", "v", ref, base_version="b1", source_ft="nope-v-ft/1")
+        reg.register("diff", "fam", "v", ref, base_version="b1", lineage=Lineage(source_ft="nope-v-ft/1"))
+    with pytest.raises(RegistryError, match="unknown tag 'gate_margn'"):
+        reg.register("diff", "fam", "v", ref, base_version="b1", status={"gate_margn": "x"})
     with pytest.raises(RegistryError, match="local path"):
         reg.register("diff", "fam", "v", ArtifactRef("diff", "b" * 64, "/tmp/x"), base_version="b1")
     with pytest.raises(ArtifactNotFound):
@@ -377,7 +389,7 @@ def test_tracked_run_logs_curve_json_figure_dataset(mlflow_server, tmp_path):
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
 
-    from recycler.tracking import log_curve, log_dataset, log_figure, log_json_artifact, tracked_run
+    from recycler.registry.runs import log_curve, log_dataset, log_figure, log_json_artifact, tracked_run
 
     settings = Settings(home=tmp_path / "home", tracking_uri=mlflow_server.uri, experiment="t-tracking")
     with tracked_run("off", settings=settings, enabled=False) as run:
@@ -413,7 +425,8 @@ def test_credentials_never_reach_logs_or_mlflow(caplog, capfd, aws_env, s3store,
     e7 = case("E7 credential leak scan", "security")
     from mlflow import MlflowClient
 
-    from recycler.tracking import SECRET_ENV, install_redaction, tracked_run
+    from recycler.redact import SECRET_ENV, install_redaction
+    from recycler.registry.runs import tracked_run
 
     install_redaction()
     names = ("", "boto3", "botocore", "urllib3", "mlflow", "s3transfer")
@@ -467,7 +480,7 @@ def test_cli_publish_fetch_lineage_ls(mlflow_server, moto_s3, tmp_path, monkeypa
     import typer
     from typer.testing import CliRunner
 
-    from recycler.cli_registry import register
+    from recycler.cli.registry import register
     from recycler.settings import get_settings
 
     monkeypatch.setenv("RECYCLER_HOME", str(tmp_path / "home"))
@@ -518,7 +531,7 @@ def test_processes_starting_on_a_fresh_sqlite_home_do_not_race_on_the_schema(tmp
     d = case("D6 processes create the SQLite registry at once", "concurrency")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}?timeout=60"
     code = (
-        "import sys; from recycler.registry import Registry; r = Registry(sys.argv[1]); "
+        "import sys; from recycler.registry.client import Registry; r = Registry(sys.argv[1]); "
         "print(len(r.client.search_registered_models()))"
     )
     procs = [

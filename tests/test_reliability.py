@@ -31,21 +31,25 @@ import torch
 from reliability import case, check_invariants, tree_digest
 from safetensors.torch import load_file, save_file
 
-from recycler.cycle import stage_base
+from recycler.delta.policy import ApplyPolicy
 from recycler.errors import (
+    ArtifactNotFound,
     IncompatibleCheckpoints,
     InvalidCheckpoint,
     NonFiniteValues,
     RecyclerError,
+    RegistryUnavailable,
     VerificationFailed,
 )
-from recycler.extract import diff_checkpoints
-from recycler.manifest import write_manifest
-from recycler.policy import ApplyPolicy
-from recycler.registry import Registry, RegistryUnavailable
-from recycler.releases import Release
-from recycler.store import ArtifactNotFound, LocalStore, S3Store, prepare
-from recycler.transfer import apply_diff
+from recycler.io.manifest import write_manifest
+from recycler.registry.client import Registry
+from recycler.service.steps import stage_base
+from recycler.stages.apply import apply_diff
+from recycler.stages.extract import diff_checkpoints
+from recycler.store import prepare
+from recycler.store.local import LocalStore
+from recycler.store.releases import LocalFolderSource, Release
+from recycler.store.s3 import S3Store
 
 MB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +156,9 @@ def test_bad_release_is_rejected_before_anything_is_written(models, local, tmp_p
     release = Release("fam", "v2", str(folder), "f" * 64)
     started = time.perf_counter()
     with pytest.raises(InvalidCheckpoint) as e:
-        staged = stage_base(release, folder, tmp_path / "work" / "base")
+        staged = stage_base(
+            LocalFolderSource(folder.parent, "fam"), release, tmp_path / "dl", tmp_path / "work" / "base"
+        )
         reg.register("base", "fam", None, store.publish(staged, "base"), base_version="v2")
     assert time.perf_counter() - started < 5, "validation must be cheap, even for a header bomb"
     assert str(folder) in str(e.value) or "index" in str(e.value), e.value  # names the file
@@ -266,10 +272,14 @@ def test_e4_pickle_payloads_are_never_deserialized(models, local, tmp_path, file
     release = Release("fam", "v1", str(folder), "f" * 64)
     if filename == "pytorch_model.bin":
         with pytest.raises(InvalidCheckpoint, match="pickle"):
-            stage_base(release, folder, tmp_path / "work" / "base")
+            stage_base(
+                LocalFolderSource(folder.parent, "fam"), release, tmp_path / "dl", tmp_path / "work" / "base"
+            )
         assert not (tmp_path / "work" / "base").exists()
     else:
-        staged = stage_base(release, folder, tmp_path / "work" / "base")
+        staged = stage_base(
+            LocalFolderSource(folder.parent, "fam"), release, tmp_path / "dl", tmp_path / "work" / "base"
+        )
         ref = store.publish(staged, "base")
         assert not (staged / filename).exists() and filename not in json.dumps(store.manifest(ref))
     assert not canary.exists()
@@ -403,7 +413,7 @@ def test_b6_disk_full_during_apply_keeps_the_previous_output(models, delta, tmp_
     out = tmp_path / "applied"
     apply_diff(models["target"], delta, out, policy=ApplyPolicy())
     before = tree_digest(out)
-    import recycler.writer as writer
+    import recycler.io.writer as writer
 
     real_open = open
     written = {"n": 0}
@@ -511,7 +521,7 @@ def test_c1_crash_during_diff_then_rerun_is_byte_identical(models, tmp_path):
     out = tmp_path / "delta"
     run_killed(
         f"""
-        from recycler.extract import diff_checkpoints
+        from recycler.stages.extract import diff_checkpoints
         diff_checkpoints({str(models["base"])!r}, {str(models["tuned"])!r}, {str(out)!r}, max_shard_bytes=40_000)
     """,
         "write:shard-closed=1",
@@ -528,7 +538,7 @@ def test_c2_c3_crash_mid_upload_and_before_manifest(s3store, moto_s3, tmp_path):
     src = make_artifact(tmp_path / "src", seed=11, big=12 * MB)
     env = {"S3_ENDPOINT": moto_s3.endpoint}
     code = f"""
-        from recycler.store import S3Store
+        from recycler.store.s3 import S3Store
         store = S3Store({s3store.bucket!r}, {s3store.prefix!r}, endpoint_url={moto_s3.endpoint!r}, multipart_chunk_mb=5, max_concurrency=1)
         store.publish(__import__("pathlib").Path({str(src)!r}), "diff")
     """
@@ -556,7 +566,7 @@ def test_c3_local_store_crash_before_manifest(tmp_path):
     run_killed(
         f"""
         from pathlib import Path
-        from recycler.store import LocalStore
+        from recycler.store.local import LocalStore
         LocalStore(Path({str(store.root)!r})).publish(Path({str(src)!r}), "diff")
     """,
         "publish:before-manifest",
@@ -574,7 +584,7 @@ def test_c4_crash_during_apply_then_rerun_is_byte_identical(models, delta, tmp_p
     out = tmp_path / "applied"
     run_killed(
         f"""
-        from recycler.transfer import apply_diff
+        from recycler.stages.apply import apply_diff
         apply_diff({str(models["base"])!r}, {str(delta)!r}, {str(out)!r}, max_shard_bytes=40_000)
     """,
         "write:shard-closed=1",
@@ -591,7 +601,7 @@ def test_c7_crash_after_create_model_version_then_rerun(mlflow_server, s3store, 
     ref = s3store.publish(make_artifact(tmp_path / "src", seed=13), "diff")
     run_killed(
         f"""
-        from recycler.registry import Registry
+        from recycler.registry.client import Registry
         from recycler.store import ArtifactRef
         Registry({mlflow_server.uri!r}).register("diff", "fam-c7", "v", ArtifactRef("diff", {ref.digest!r}, {ref.uri!r}), base_version="v1")
     """,

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from servers import free_port, wait_http
 
-from recycler.registry import Registry
+from recycler.registry.client import Registry
 from recycler.settings import Settings, get_settings
 from recycler.store import open_store
 
@@ -104,10 +104,10 @@ def test_release_cycles_and_backport_through_deployments_and_worker(
     fast_family, service_env, prefect_server, tmp_path, monkeypatch
 ):
     from prefect.settings import PREFECT_API_URL, temporary_settings
+    from recycler_flows.release import dispatch_cycle, release_cycle, watch_releases
 
-    from flows.release import _dispatch, release_cycle, watch_releases
-    from recycler.cycle import CycleSpec
-    from recycler.releases import LocalFolderSource
+    from recycler.service.spec import CycleSpec
+    from recycler.store.releases import LocalFolderSource
 
     for key, value in service_env.items():
         monkeypatch.setenv(key, value)
@@ -143,7 +143,9 @@ def test_release_cycles_and_backport_through_deployments_and_worker(
             cycles = watch_releases(str(releases), spec, dispatch="deployment")
             assert [c["version"] for c in cycles] == ["v2"] and cycles[0]["state"] == "Completed"
             v2 = next(r for r in LocalFolderSource(releases, "toy").list() if r.version == "v2")
-            again = _dispatch("release-cycle/gpu", v2, str(releases), spec)  # a second watcher, same release
+            again = dispatch_cycle(
+                "release-cycle/gpu", v2, str(releases), spec
+            )  # a second watcher, same release
             assert again["flow_run"] == cycles[0]["flow_run"]
 
             out = prefect_cli(

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from recycler.finetune_config import ExampleOrder
-from recycler.sft_data import IGNORE_INDEX, SFTRecord, collate, encode_record, load_sft_records
-from recycler.tiny import CHAT_TEMPLATE, char_tokenizer
-from recycler.train_errors import InvalidData
+from recycler.errors import InvalidData
+from recycler.stages.finetune.config import ExampleOrder
+from recycler.stages.finetune.data import IGNORE_INDEX, SFTRecord, collate, encode_record, load_sft_records
+from recycler.toy.tiny import CHAT_TEMPLATE, char_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,15 @@ import typer
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from recycler.cli_toy import register
+from recycler.cli.toy import register
 from recycler.errors import IncompatibleCheckpoints
-from recycler.evaluate import load_task
-from recycler.precheck import PrecheckError, precheck
-from recycler.sft_data import load_sft_records
-from recycler.tiny import build_tiny_model
+from recycler.stages.evaluate.evaluators import load_task
+from recycler.stages.finetune.data import load_sft_records
+from recycler.stages.precheck import PrecheckError, precheck
 from recycler.toy.family import build_family
-from recycler.toy.findings import spearman, steps_to_reach
+from recycler.toy.findings import spearman, steps_or_inf
 from recycler.toy.reproduce import reproduce
+from recycler.toy.tiny import build_tiny_model
 from recycler.toy.world import WorldConfig, excluded_problems, task_problems, world_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -174,5 +174,5 @@ def test_spearman_and_steps():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 1], [1, 2, 3]) is None
-    assert steps_to_reach([[0, 0.0], [10, 0.5], [20, 0.9]], 0.5) == 10
-    assert steps_to_reach([[0, 0.0], [10, 0.5]], 0.9) == float("inf")
+    assert steps_or_inf([[0, 0.0], [10, 0.5], [20, 0.9]], 0.5) == 10
+    assert steps_or_inf([[0, 0.0], [10, 0.5]], 0.9) == float("inf")

@@ -1,7 +1,7 @@
 """The paper's experiments on one toy family (one seed), through recycler's own stages.
 
 Every model is an HF folder written by `finetune`, `diff_checkpoints` or `apply_diff`, and every
-accuracy comes from `recycler.evaluate` on the held-out task, so the toy exercises the same code paths
+accuracy comes from `recycler.stages.evaluate.evaluators` on the held-out task, so the toy exercises the same code paths
 as a real release cycle. Results are plain JSON-able dicts; `recycler.toy.reproduce` aggregates seeds.
 """
 
@@ -12,13 +12,13 @@ from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 
-from recycler.evaluate import load_task
-from recycler.extract import diff_checkpoints
-from recycler.finetune import finetune
-from recycler.finetune_config import FinetuneConfig
-from recycler.model_folder import load_causal_lm, load_tokenizer
-from recycler.policy import ApplyPolicy
-from recycler.precheck import precheck
+from recycler.delta.policy import ApplyPolicy
+from recycler.stages.evaluate.evaluators import load_task
+from recycler.stages.extract import diff_checkpoints
+from recycler.stages.finetune.config import FinetuneConfig
+from recycler.stages.finetune.recipe import finetune
+from recycler.stages.model_folder import load_causal_lm, load_tokenizer
+from recycler.stages.precheck import precheck
 from recycler.toy.family import ToyFamily
 
 Tick = Callable[[str, int, int], None]  # (label, done, total)
@@ -70,7 +70,7 @@ class SeedExperiments:
         return out
 
     def apply(self, target: Path, delta: Path, name: str) -> Path:
-        from recycler.transfer import apply_diff
+        from recycler.stages.apply import apply_diff
 
         out = self.work / f"applied-{name}"
         apply_diff(target, delta, out, policy=ApplyPolicy(alpha=1.0), overwrite=True)

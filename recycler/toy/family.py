@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from recycler.atomic import atomic_folder
-from recycler.errors import OutputExists, RecyclerError
-from recycler.finetune_config import FinetuneConfig
+from recycler.errors import OutputExists, ToyFamilyError
+from recycler.io.atomic import atomic_folder
+from recycler.stages.finetune.config import FinetuneConfig
 from recycler.toy.pretrain import pretrain
 from recycler.toy.world import (
     WorldConfig,
@@ -41,19 +41,13 @@ class ProgressUpdate:
 Progress = Callable[[ProgressUpdate], None]
 
 
-class ToyFamilyError(RecyclerError):
-    """A cached toy family is unreadable or was built from a different configuration."""
-
-    exit_code = 30
-
-
 @dataclass(frozen=True)
 class ToyFamily:
     root: Path
     versions: dict[str, Path]  # "v1".."v5", oldest first; each an HF folder (safetensors + tokenizer)
     train: Path  # SFT JSONL: {"messages": [user, assistant]}
     dev: Path  # SFT JSONL, held out (pre-check probes, never trained on)
-    test: Path  # task JSONL: {"messages": [user], "answer"} for recycler.evaluate
+    test: Path  # task JSONL: {"messages": [user], "answer"} for recycler.stages.evaluate.evaluators
     finetune_config: FinetuneConfig
     config: WorldConfig
 

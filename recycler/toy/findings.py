@@ -16,6 +16,8 @@ from itertools import pairwise
 
 import numpy as np
 
+from recycler.stages.evaluate.curves import steps_to_reach
+
 PRECHECK_TARGET = 0.7  # Spearman ρ the pre-check aims for
 
 
@@ -39,9 +41,10 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def steps_to_reach(curve: list[list[float]], level: float) -> float:
-    """First evaluated step whose accuracy is ≥ level; inf if never reached."""
-    return next((step for step, acc in curve if acc >= level - 1e-12), math.inf)
+def steps_or_inf(curve: list[list[float]], level: float) -> float:
+    """`steps_to_reach`, with inf for "never" so that margins can be computed and capped."""
+    reached = steps_to_reach(curve, level)
+    return math.inf if reached is None else float(reached)
 
 
 def gain(r: dict, src: str, tgt: str) -> float:
@@ -73,7 +76,7 @@ def _convergence(r: dict, fraction: float) -> float:
         base_curve = r["ft_curve"][v]
         level = fraction * base_curve[-1][1]
         cap = base_curve[-1][0] + (base_curve[-1][0] - base_curve[-2][0])
-        margins.append(min(steps_to_reach(base_curve, level), cap) - min(steps_to_reach(curve, level), cap))
+        margins.append(min(steps_or_inf(base_curve, level), cap) - min(steps_or_inf(curve, level), cap))
     return float(np.mean(margins))
 
 

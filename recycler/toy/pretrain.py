@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from recycler.tiny import CHARS, char_tokenizer, tiny_llama_config
+from recycler.toy.tiny import CHARS, char_tokenizer, tiny_llama_config
 from recycler.toy.world import Corpus, WorldConfig
 
 StepProgress = Callable[[str, int, int], None]  # (label, done, total)
@@ -37,7 +37,7 @@ def init_model(config: WorldConfig, tokenizer: PreTrainedTokenizerFast) -> Llama
     llama = tiny_llama_config(len(tokenizer), hidden=config.hidden, layers=config.layers)
     llama.max_position_embeddings = 2 * config.context
     model = LlamaForCausalLM(llama)
-    # Generation stops at the end-of-turn marker as well as at </s> (as recycler.tiny models do).
+    # Generation stops at the end-of-turn marker as well as at </s> (as recycler.toy.tiny models do).
     model.generation_config.eos_token_id = [
         tokenizer.eos_token_id,
         tokenizer.convert_tokens_to_ids("<|end|>"),

@@ -13,7 +13,7 @@ from recycler.toy.findings import (
     PRECHECK_TARGET,
     accuracy_noise,
     precheck_rho,
-    steps_to_reach,
+    steps_or_inf,
     summarize,
 )
 from recycler.toy.plots import plot_convergence, plot_iterative, plot_precheck, plot_transfer
@@ -89,7 +89,7 @@ def convergence_section(runs: list[dict]) -> list[str]:
     rows = []
     for prev, v in pairwise(V):
         reach = {
-            key: [steps_to_reach(r[curve][v], r["ft"][v] * f) for r in runs]
+            key: [steps_or_inf(r[curve][v], r["ft"][v] * f) for r in runs]
             for key, curve, f in (
                 ("ft", "ft_curve", 1.0),
                 ("rec", "recycled_curve", 1.0),

@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from recycler.errors import OutputExists, RecyclerError
+from recycler.errors import OutputExists, ReproduceError
 from recycler.toy.family import Progress, ProgressUpdate, build_toy_family
 from recycler.toy.pretrain import torch_threads
 
@@ -25,10 +25,6 @@ FULL_VERSIONS = ("v1", "v2", "v3", "v4", "v5")
 FAST_VERSIONS = ("v1", "v3", "v5")
 FULL_FT = {"eval_every": 10}
 FAST_FT = {"eval_every": 20}
-
-
-class ReproduceError(RecyclerError):
-    exit_code = 32
 
 
 @dataclass(frozen=True)
@@ -160,15 +156,10 @@ def reproduce(
 def _log_mlflow(
     report: Path, results: Path, plots: dict[str, Path], findings: dict, *, fast: bool, seeds: int
 ) -> None:
-    """Log the run to MLflow when MLFLOW_TRACKING_URI is set; otherwise do nothing."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        return
-    import mlflow
+    """Log the run to MLflow when tracking is on (RECYCLER_TRACK=1, as for every command)."""
+    from recycler.registry import runs
 
-    with mlflow.start_run(run_name=f"reproduce{'-fast' if fast else ''}"):
-        mlflow.log_params({"fast": fast, "seeds": seeds})
-        for name, f in findings.items():
-            if f.get("mean") is not None:
-                mlflow.log_metric(name, float(f["mean"]))
+    with runs.tracked_run(f"reproduce{'-fast' if fast else ''}", params={"fast": fast, "seeds": seeds}):
+        runs.log_metrics({name: f.get("mean") for name, f in findings.items()})
         for path in (report, results, *plots.values()):
-            mlflow.log_artifact(str(path))
+            runs.log_artifact(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from recycler.atomic import fsync_file
+from recycler.io.atomic import fsync_file
 
 EQUALS = ("=", " =", "= ", " = ")
 SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")
@@ -35,7 +35,7 @@ class WorldConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     seed: int = 0
-    # model: transformers LlamaForCausalLM via recycler.tiny.tiny_llama_config
+    # model: transformers LlamaForCausalLM via recycler.toy.tiny.tiny_llama_config
     hidden: int = 96
     layers: int = 3
     context: int = 32
@@ -188,7 +188,7 @@ class Corpus:
 def task_records(problems: list[Problem], *, with_answer_field: bool) -> Iterator[dict]:
     for p in problems:
         user = {"role": "user", "content": question(*p)}
-        if with_answer_field:  # a recycler.evaluate task line
+        if with_answer_field:  # a recycler.stages.evaluate.evaluators task line
             yield {"messages": [user], "answer": result(*p)}
         else:  # SFT line
             yield {"messages": [user, {"role": "assistant", "content": result(*p)}]}

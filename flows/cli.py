@@ -1,0 +1,178 @@
+"""`recycler cycle | watch | backport | serve | demo`: the service's flows by hand.
+
+Mounted into the `recycler` command through the entry-point group `recycler.cli` (pyproject.toml),
+so the library never imports the flows. Prefect is imported inside each command: `recycler --help`
+stays fast. Without PREFECT_API_URL, Prefect runs a temporary local server for the duration of a
+command; with it, runs appear in that server's UI.
+
+A family's cycle settings live in a YAML file (the fields of `recycler.service.spec.CycleSpec`):
+
+    family: llama-3-8b
+    variant: instruct
+    train: data/instruct-train.jsonl
+    eval_task: data/heldout.jsonl
+    finetune: {learning_rate: 5.0e-6, batch_size: 8, epochs: 2}
+    gate_margin: 0.01
+    baseline: false
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+SpecOpt = Annotated[
+    Path, typer.Option("--spec", "-s", help="YAML file with the family's cycle settings (CycleSpec fields).")
+]
+SourceArg = Annotated[
+    str,
+    typer.Argument(
+        help="Release source: a folder of version sub-folders, s3://bucket/prefix or hf://org/repo."
+    ),
+]
+
+
+def _prefect_defaults() -> None:
+    """Before Prefect loads: a cold temporary server can take ~20 s to start on a small machine
+    (Prefect's own default timeout), and its telemetry only adds SQLite lock noise."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _print(result: object) -> None:
+    typer.echo(json.dumps(result, indent=1, default=str))
+
+
+def cycle_command(
+    version: Annotated[str, typer.Argument(help="The base release to process, e.g. v2 or 3.1.")],
+    source: SourceArg,
+    spec: SpecOpt,
+) -> None:
+    """Run one release cycle: apply the family's next-diff, fine-tune, evaluate, gate, register."""
+    from recycler.service.spec import load_spec
+
+    family_spec = load_spec(spec)
+    _prefect_defaults()
+    from recycler_flows.release import release_cycle
+
+    _print(release_cycle(version, source, family_spec))
+
+
+def watch_command(
+    source: SourceArg,
+    spec: SpecOpt,
+    deployment: Annotated[
+        bool,
+        typer.Option(
+            "--deployment",
+            help="Start release-cycle/gpu on a Prefect server (idempotent per release) instead of running inline.",
+        ),
+    ] = False,
+) -> None:
+    """Process every release of SOURCE not processed yet, oldest first (state is in the registry)."""
+    from recycler.service.spec import load_spec
+
+    family_spec = load_spec(spec)
+    _prefect_defaults()
+    from recycler_flows.release import watch_releases
+
+    _print(watch_releases(source, family_spec, dispatch="deployment" if deployment else "inline"))
+
+
+def backport_command(
+    diff: Annotated[
+        str,
+        typer.Argument(help="A registered Δ: NAME@ALIAS or NAME/VERSION, e.g. fam-instruct-diff@next-diff."),
+    ],
+    target: Annotated[str, typer.Argument(help="A registered base version to apply it to, e.g. v1.")],
+    family: Annotated[str, typer.Option("--family", help="Model family.")],
+    task: Annotated[Path, typer.Option("--task", help="Task JSONL to evaluate base and result on.")],
+    variant: Annotated[str, typer.Option("--variant", help="Fine-tuned variant.")] = "instruct",
+    alpha: Annotated[float, typer.Option("--alpha", help="Scale of Δ.")] = 1.0,
+    extract: Annotated[
+        str,
+        typer.Option(
+            "--extract", help="Answer extraction: 'number' (last number) or 'text' (normalized text)."
+        ),
+    ] = "number",
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Longest generated answer.")
+    ] = 256,
+) -> None:
+    """Apply a registered Δ to a registered (older) base and register the result, without training."""
+    from recycler.service.transfer import TransferOptions
+
+    options = TransferOptions(alpha=alpha, extract=extract, max_new_tokens=max_new_tokens)
+    _prefect_defaults()
+    from recycler_flows.transfer import backport
+
+    _print(backport(diff, target, family, str(task), variant, options))
+
+
+def serve_command(
+    source: SourceArg,
+    spec: SpecOpt,
+    interval: Annotated[int, typer.Option("--interval", min=60, help="Seconds between watcher runs.")] = 3600,
+) -> None:
+    """Serve the watcher (on a schedule) and the manual backport/recycle flows from this process.
+
+    Needs a Prefect server (PREFECT_API_URL): schedules and manual runs are created by the server.
+    For a cluster use the deployments in infra/prefect.yaml and workers instead.
+    """
+    from recycler.service.spec import load_spec
+
+    parameters = {"source": source, "spec": load_spec(spec).model_dump(mode="json")}
+    _prefect_defaults()
+    from prefect import serve
+    from recycler_flows.release import watch_releases
+    from recycler_flows.transfer import backport, recycle
+
+    serve(
+        watch_releases.to_deployment(
+            name="watcher", interval=interval, parameters=parameters, concurrency_limit=1
+        ),
+        backport.to_deployment(name="manual"),
+        recycle.to_deployment(name="manual"),
+    )
+
+
+def demo_command(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for releases, registry, artifacts and logs.")
+    ] = Path("out/demo"),
+    fast: Annotated[
+        bool, typer.Option("--fast", help="The small toy family (a smoke test in ~2 minutes, not evidence).")
+    ] = False,
+    versions: Annotated[
+        str, typer.Option("--versions", help="Toy releases to publish, oldest first (comma-separated).")
+    ] = "v3,v4,v5",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a non-empty OUTPUT.")] = False,
+) -> None:
+    """The service end to end, unattended: releases v3→v5 of the toy family picked up by the watcher,
+    one iterative release cycle each (apply Δ^iter, fine-tune, evaluate, gate, register), then a
+    backport of the family's newest Δ onto the first release.
+
+    Embedded defaults: Prefect without a server, MLflow on a SQLite file and artifacts in a local
+    folder, all under OUTPUT, CPU only.
+    """
+    from recycler_flows.demo import main
+
+    main(
+        output,
+        fast=fast,
+        versions=tuple(v.strip() for v in versions.split(",") if v.strip()),
+        overwrite=overwrite,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Mount the service commands (entry point `recycler.cli: service`)."""
+    app.command("cycle")(cycle_command)
+    app.command("watch")(watch_command)
+    app.command("backport")(backport_command)
+    app.command("serve")(serve_command)
+    app.command("demo")(demo_command)

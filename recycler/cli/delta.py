@@ -1,0 +1,270 @@
+"""`recycler diff | apply | recycle | inspect | verify | demo-delta`: the Δ workflow on HF folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from recycler.cli.common import OutOpt, OverwriteOpt, QuietOpt, ShardOpt, TrackOpt, console, out, progress_bar
+from recycler.errors import RecyclerError
+
+app = typer.Typer()  # commands are registered on the main app by `register`
+
+
+def _policy(
+    alpha: float,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    only_in_delta: str,
+    vocab: str,
+    tokenizer_from: str,
+):
+    from recycler.delta.policy import ApplyPolicy
+
+    return ApplyPolicy(
+        alpha=alpha,
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        only_in_delta=only_in_delta,
+        vocab=vocab,
+        tokenizer_from=tokenizer_from,
+    )
+
+
+AlphaOpt = Annotated[
+    float, typer.Option("--alpha", "-a", help="Scale of Δ: output = target + α·Δ (1.0 as in the paper).")
+]
+IncludeOpt = Annotated[
+    list[str] | None, typer.Option("--include", help="Only add Δ to tensors matching this glob (repeatable).")
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--exclude", help="Copy tensors matching this glob unchanged (repeatable)."),
+]
+OnlyInDeltaOpt = Annotated[
+    str, typer.Option("--only-in-delta", help="Δ tensors missing from the target: 'error' or 'ignore'.")
+]
+VocabOpt = Annotated[
+    str,
+    typer.Option(
+        "--vocab",
+        help="Embedding rows when vocabularies differ: 'auto' (align by token string), 'tokens', 'prefix' (row i to row i), 'error'.",
+    ),
+]
+TokOpt = Annotated[
+    str,
+    typer.Option(
+        "--tokenizer-from", help="Output tokenizer/chat template: 'auto', 'source' (fine-tuned) or 'target'."
+    ),
+]
+
+
+def _policy_params(policy) -> dict[str, object]:
+    return {k: ",".join(v) if isinstance(v, tuple) else v for k, v in policy.model_dump().items()}
+
+
+def diff(
+    base: Annotated[Path, typer.Argument(help="Base checkpoint m_s (HF folder, safetensors).")],
+    tuned: Annotated[
+        Path, typer.Argument(help="Its fine-tuned version m′_s (same architecture and shapes).")
+    ],
+    output: OutOpt,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Storage dtype of Δ: float32 (exact round trip, default), bfloat16 or float16 (half the size, lossy)."
+        ),
+    ] = "float32",
+    shard_size: ShardOpt = "5GB",
+    max_relative_norm: Annotated[
+        float,
+        typer.Option(
+            help="Refuse if ‖Δ‖/‖base‖ exceeds this: the inputs are then not base and fine-tune of one model."
+        ),
+    ] = 0.5,
+    hash_inputs: Annotated[
+        bool,
+        typer.Option(
+            "--hash-inputs",
+            help="Fingerprint inputs by hashing every weight byte (slower) instead of their structure.",
+        ),
+    ] = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    track: TrackOpt = None,
+) -> None:
+    """Extract Δ = TUNED − BASE into a verifiable Δ artifact (sharded safetensors + manifest)."""
+    from recycler.io.checkpoint import open_checkpoint
+    from recycler.io.writer import parse_size
+    from recycler.registry.runs import log_json_artifact, maybe_track
+    from recycler.stages.extract import diff_checkpoints
+
+    total = open_checkpoint(base).nbytes + open_checkpoint(tuned).nbytes
+    params = {"base": base, "tuned": tuned, "output": output, "dtype": dtype, "shard_size": shard_size}
+    with maybe_track("diff", params, enabled=track), progress_bar("diff", total, quiet) as tick:
+        r = diff_checkpoints(
+            base,
+            tuned,
+            output,
+            dtype=dtype,
+            max_shard_bytes=parse_size(shard_size),
+            max_relative_norm=max_relative_norm,
+            overwrite=overwrite,
+            hash_inputs=hash_inputs,
+            on_progress=tick,
+        )
+        log_json_artifact(r.manifest, "delta_manifest.json")
+    console.print(
+        f"  ‖Δ‖/‖base‖ (matrices) = {r.manifest['relative_norms']['matrices']:.4g}, {r.manifest['tensor_count']} tensors, round trip exact: {r.manifest['roundtrip']['exact']}"
+    )
+    out.print(f"wrote {r.path}")
+
+
+def apply(
+    target: Annotated[
+        Path, typer.Argument(help="Target base m_t: a newer (recycling) or older (backporting) base version.")
+    ],
+    delta: Annotated[Path, typer.Argument(help="Δ artifact written by `recycler diff`.")],
+    output: OutOpt,
+    alpha: AlphaOpt = 1.0,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    only_in_delta: OnlyInDeltaOpt = "error",
+    vocab: VocabOpt = "auto",
+    tokenizer_from: TokOpt = "auto",
+    shard_size: ShardOpt = "5GB",
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    track: TrackOpt = None,
+) -> None:
+    """Write TARGET + α·Δ as a checkpoint that loads with AutoModelForCausalLM.from_pretrained."""
+    from recycler.stages.apply import apply_diff
+
+    policy = _policy(alpha, include, exclude, only_in_delta, vocab, tokenizer_from)
+    params = {"target": target, "delta": delta, "output": output}
+    _transfer(
+        "apply",
+        params,
+        policy,
+        target,
+        shard_size,
+        quiet,
+        track,
+        lambda **kw: apply_diff(target, delta, output, overwrite=overwrite, **kw),
+    )
+
+
+def recycle(
+    base: Annotated[Path, typer.Argument(help="Old base m_s.")],
+    tuned: Annotated[Path, typer.Argument(help="Its fine-tuned version m′_s.")],
+    target: Annotated[Path, typer.Argument(help="New base m_t.")],
+    output: OutOpt,
+    alpha: AlphaOpt = 1.0,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    only_in_delta: OnlyInDeltaOpt = "error",
+    vocab: VocabOpt = "auto",
+    tokenizer_from: TokOpt = "auto",
+    shard_size: ShardOpt = "5GB",
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    track: TrackOpt = None,
+) -> None:
+    """Write TARGET + α·(TUNED − BASE) in one streaming pass, without storing Δ."""
+    from recycler.stages.apply import recycle as run
+
+    policy = _policy(alpha, include, exclude, only_in_delta, vocab, tokenizer_from)
+    params = {"base": base, "tuned": tuned, "target": target, "output": output}
+    _transfer(
+        "recycle",
+        params,
+        policy,
+        target,
+        shard_size,
+        quiet,
+        track,
+        lambda **kw: run(base, tuned, target, output, overwrite=overwrite, **kw),
+    )
+
+
+def _transfer(
+    name: str, params: dict, policy, target: Path, shard_size: str, quiet: bool, track: bool | None, run
+) -> None:
+    """apply and recycle alike: tracked, with a progress bar over the target's bytes, then the report."""
+    from recycler.io.checkpoint import open_checkpoint
+    from recycler.io.writer import parse_size
+    from recycler.registry.runs import log_json_artifact, maybe_track
+
+    with (
+        maybe_track(name, {**params, **_policy_params(policy)}, enabled=track),
+        progress_bar(name, open_checkpoint(target).nbytes, quiet) as tick,
+    ):
+        r = run(policy=policy, max_shard_bytes=parse_size(shard_size), on_progress=tick)
+        log_json_artifact(r.report.model_dump(mode="json"), "compatibility.json")
+    for line in r.report.summary_lines():
+        console.print(f"  {line}")
+    out.print(f"wrote {r.path}")
+
+
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A Δ artifact or a model folder written by recycler.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest.")] = False,
+) -> None:
+    """Show what a Δ (or recycled model) is: sources, dtype, size, relative norms, vocabulary."""
+    from recycler.io.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(path, require_config=False)
+    m = ck.manifest
+    if m is None:
+        raise RecyclerError(f"{path}: no manifest.json; `recycler inspect` reads folders written by recycler")
+    if as_json:
+        out.print_json(json.dumps(m))
+        return
+    t = Table(title=f"{m.get('kind')} {path}", show_header=False)
+    t.add_row("tool", m.get("tool", "?"))
+    t.add_row("tensors", str(len(ck.tensors)))
+    t.add_row(
+        "size", f"{sum(f['size'] for f in m['files'].values()) / 1e6:,.1f} MB in {len(m['files'])} files"
+    )
+    for role, src in (m.get("sources") or {}).items():
+        t.add_row(f"source: {role}", json.dumps(src, default=str)[:200])
+    for key in ("dtype", "alpha", "vocab_size", "tied_embeddings", "roundtrip"):
+        if key in m:
+            t.add_row(key, json.dumps(m[key]))
+    for fam, v in (m.get("relative_norms") or {}).items():
+        t.add_row(f"‖Δ‖/‖base‖ {fam}", f"{v:.4g}")
+    out.print(t)
+
+
+def verify(path: Annotated[Path, typer.Argument(help="A folder written by recycler (Δ or model).")]) -> None:
+    """Re-hash every file against manifest.json; fail on any missing, altered or unlisted file."""
+    from recycler.io.manifest import verify_folder
+
+    r = verify_folder(path)
+    out.print(
+        f"ok: {path} ({r['kind']}): {r['files']} files, {r['bytes']:,} bytes, {r['tensors']} tensors match the manifest"
+    )
+
+
+def demo_delta(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for the demo's models, Δ and summary.")
+    ] = Path("out/demo-delta"),
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Run the Δ workflow alone (diff, recycle, backport, verify) on tiny models (CPU, seconds)."""
+    from recycler.toy.delta_demo import run_demo
+
+    summary = run_demo(output, overwrite=overwrite, say=lambda m: console.print(m, highlight=False))
+    out.print_json(json.dumps(summary))
+    out.print(f"wrote {output}")
+
+
+def register(main: typer.Typer) -> None:
+    for command in (diff, apply, recycle, inspect, verify):
+        main.command()(command)
+    main.command("demo-delta")(demo_delta)

@@ -1,0 +1,207 @@
+"""The release cycle's steps, each a library call that is safe to repeat.
+
+Local steps write into the release's workspace through atomic publishes and reuse an earlier
+attempt's output only if it verifies against its manifest; fine-tuning resumes from its last
+complete checkpoint. Registry steps are idempotent per artifact (registration is deduplicated by
+manifest digest) and read the registry, never a watcher's memory, to know what happened.
+`recycler.service.cycle` orders them; the Prefect flows run each one as a task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from recycler.errors import InvalidReleaseId, RecyclerError, VerificationFailed
+from recycler.io.atomic import atomic_folder, link_or_copy
+from recycler.io.layout import MANIFEST_NAME, is_release_file
+from recycler.io.manifest import manifest_digest, verify_folder, write_manifest
+from recycler.registry.names import CHAMPION, NEXT_DIFF, Lineage, RegisteredVersion
+from recycler.service.services import FT_RECORD, Services
+from recycler.store.releases import Release, ReleaseSource, check_version
+
+if TYPE_CHECKING:
+    from recycler.registry.client import Registry
+    from recycler.service.spec import CycleSpec, EvalSettings
+    from recycler.store import ArtifactRef, ArtifactStore
+
+CYCLE_COMPLETE = "complete"
+METRIC = "accuracy"
+
+
+# ---------------------------------------------------------------------------------------------- local
+
+
+def is_complete(folder: Path) -> bool:
+    """An earlier run's output can be reused only if it verifies against its manifest."""
+    if not (Path(folder) / MANIFEST_NAME).is_file():
+        return False
+    try:
+        verify_folder(folder)
+    except (VerificationFailed, RecyclerError):
+        return False
+    return True
+
+
+def find_release(source: ReleaseSource, version: str) -> Release:
+    """The release `version` of `source` (ids are validated before the source is listed)."""
+    check_version(version)
+    releases = source.list()
+    for release in releases:
+        if release.version == version:
+            return release
+    known = ", ".join(r.version for r in releases) or "none"
+    raise InvalidReleaseId(
+        f"no release {version!r} of family {source.family!r} in the release source (it has: {known})"
+    )
+
+
+def stage_base(source: ReleaseSource, release: Release, download: Path, dest: Path) -> Path:
+    """A manifest-carrying view of the release (hard links, no copy) that the store can publish.
+
+    The release folder itself is never written to: it may be a user's checkpoint or a mounted bucket.
+    Only weights, configs, tokenizer and templates are carried on (`is_release_file`), never pickles.
+    """
+    from recycler.io.checkpoint import open_checkpoint
+
+    if is_complete(dest):
+        return dest
+    if dest.exists():
+        shutil.rmtree(dest)
+    local = source.materialize(release, download)
+    open_checkpoint(local)  # validate (pickles, index, headers) before anything else
+    with atomic_folder(dest, [local]) as tmp:
+        for f in sorted(Path(local).iterdir()):
+            if f.is_file() and is_release_file(f.name):
+                link_or_copy(f, tmp / f.name)
+        body = {"role": "base", "family": release.family, "version": release.version}
+        write_manifest(tmp, {"kind": "model", **body, "release_fingerprint": release.fingerprint}, {})
+    return dest
+
+
+def apply_step(base: Path, diff: Path, dest: Path, alpha: float) -> Path:
+    """M_i + α·Δ, reused if a verified copy exists."""
+    from recycler.delta.policy import ApplyPolicy
+    from recycler.stages.apply import apply_diff
+
+    if not is_complete(dest):
+        apply_diff(base, diff, dest, policy=ApplyPolicy(alpha=alpha), overwrite=True)
+    return dest
+
+
+def extract_step(base: Path, tuned: Path, dest: Path, spec: CycleSpec) -> Path:
+    """Δ = tuned − base (exact round trip), reused if a verified copy exists."""
+    from recycler.stages.extract import diff_checkpoints
+
+    if not is_complete(dest):
+        diff_checkpoints(base, tuned, dest, overwrite=True, max_relative_norm=spec.max_relative_norm)
+    return dest
+
+
+def finetune_step(svc: Services, start: Path, dest: Path, spec: CycleSpec, *, role: str) -> dict:
+    """FT(start) with the services' trainer (resumed after a crash); returns the training record.
+
+    The finished folder gets a manifest so it can be published; its checkpoints are dead weight then.
+    """
+    from recycler.store import ensure_manifest
+
+    if not (dest / FT_RECORD).is_file():
+        svc.trainer.finetune(start, dest, spec)
+    ensure_manifest(dest, kind="model", body={"role": role})
+    shutil.rmtree(dest / ".checkpoints", ignore_errors=True)
+    return json.loads((dest / FT_RECORD).read_text())
+
+
+def evaluate_cached(svc: Services, model: Path, evaluation: EvalSettings, cache: Path, *, name: str) -> float:
+    """Score of `model`, cached per (model manifest, evaluation settings) so re-runs skip it."""
+    cache.mkdir(parents=True, exist_ok=True)
+    how = evaluation.model_dump_json(exclude={"batch_size"})  # the same model under other settings differs
+    setting = hashlib.sha256(how.encode()).hexdigest()[:8]
+    key = f"{name}-{manifest_digest(model)[:16]}-{setting}.json"
+    if (cache / key).is_file():
+        return float(json.loads((cache / key).read_text())["score"])
+    score = svc.scorer.score(model, evaluation)
+    tmp = cache / f".{key}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"score": score, "task": str(evaluation.task)}))
+    os.replace(tmp, cache / key)
+    return score
+
+
+def precheck_step(target: Path, diff: Path, spec: CycleSpec) -> dict:
+    """Pre-check score of M_i + α·Δ on the spec's sample (held-out loss probe), before any training."""
+    from recycler.stages.precheck import precheck
+
+    result = precheck(target, [diff], alphas=(spec.alpha,), sample=spec.precheck_sample, n=32)
+    best = result.candidates[0]
+    return {"score": best.score, "probe_gain": best.probe_gain, "target_loss": result.target_loss}
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def completed_cycle(registry: Registry, spec: CycleSpec, version: str) -> RegisteredVersion | None:
+    """The fine-tune of a cycle that already ran to the end for this base version, if any."""
+    for v in registry.versions("ft", spec.family, spec.variant):
+        if v.tags.get("base_version") == version and v.tags.get("cycle_status") == CYCLE_COMPLETE:
+            return v
+    return None
+
+
+def previous_diff(registry: Registry, spec: CycleSpec, version: str) -> RegisteredVersion | None:
+    """The Δ this cycle applies: the family's `next-diff`, unless this very cycle already moved the
+    alias before being interrupted, in which case the Δ it applied is recorded on the new Δ."""
+    prev = registry.get_alias("diff", spec.family, spec.variant, NEXT_DIFF)
+    if prev is not None and prev.tags.get("base_version") == version:
+        parent = prev.tags.get("cycle_parent_diff")
+        prev = registry.resolve(parent) if parent else None
+    return prev
+
+
+def champion_before(registry: Registry, spec: CycleSpec, version: str) -> float | None:
+    """The champion's score before this cycle. An interrupted attempt of this very cycle recorded it on
+    its fine-tunes before moving any alias, so a re-run decides exactly as the first attempt did."""
+    for v in registry.versions("ft", spec.family, spec.variant):
+        if v.tags.get("base_version") == version and "gate_champion_before" in v.tags:
+            recorded = v.tags["gate_champion_before"]
+            return None if recorded == "none" else float(recorded)
+    champ = registry.get_alias("ft", spec.family, spec.variant, CHAMPION)
+    return champ.score(METRIC) if champ is not None else None
+
+
+def fetch_verified(store: ArtifactStore, ref: ArtifactRef, dest: Path) -> Path:
+    """A local, verified copy of an artifact (reused when an earlier attempt already fetched it)."""
+    if is_complete(dest) and manifest_digest(dest) == ref.digest:
+        return dest
+    return store.fetch(ref, dest, overwrite=True)
+
+
+def publish_and_register(
+    svc: Services,
+    folder: Path,
+    kind: str,
+    family: str,
+    variant: str,
+    base_version: str,
+    *,
+    lineage: Lineage = Lineage(),
+    score: float | None = None,
+    status: dict[str, str] | None = None,
+) -> RegisteredVersion:
+    """Publish `folder` to the store (files first, manifest last) and register it: both idempotent."""
+    store_kind = {"base": "base", "diff": "diff"}.get(kind, "model")
+    ref = svc.store.publish(folder, store_kind)
+    metrics = {METRIC: score} if score is not None else None
+    return svc.registry.register(
+        kind,
+        family,
+        None if kind == "base" else variant,
+        ref,
+        base_version=base_version,
+        lineage=lineage,
+        metrics=metrics,
+        status=status,
+    )

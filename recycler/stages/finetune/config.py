@@ -1,0 +1,127 @@
+"""Fine-tuning configuration (frozen, from YAML) and the training plan derived from it.
+
+Defaults follow the paper's SFT recipe: AdamW, lr 5e-6, batch size 8, linear schedule with 3% warmup,
+dropout 0. `batch_size` is the number of examples per optimizer step summed over all processes, so the
+optimisation is the same on one CPU, one GPU or eight: each process runs micro-batches of
+`micro_batch_size` and gradient accumulation makes up the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from recycler.errors import InvalidConfig
+from recycler.io.config_file import read_yaml_mapping
+
+# Fields that may change between a run and its resumption without changing what is being computed.
+RESUME_NEUTRAL = frozenset(
+    {"eval_every", "save_every", "keep_last_checkpoints", "keep_checkpoints_in_output"}
+    | {"eval_max_new_tokens", "eval_batch_size", "eval_limit", "eval_extract"}
+)
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    learning_rate: float = Field(5e-6, gt=0)
+    batch_size: int = Field(8, ge=1, description="examples per optimizer step, over all processes")
+    micro_batch_size: int = Field(4, ge=1, description="examples per forward pass per process")
+    lr_scheduler: Literal["linear", "constant"] = "linear"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, description="never applied to embeddings, norms or biases")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(None, gt=0)
+    max_length: int = Field(2048, ge=2)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU, else no
+    dtype: Literal["float32", "bfloat16"] = "float32"  # weights/optimizer dtype; bf16 autocast is separate
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs")
+    eval_every: int | None = Field(100, ge=1)
+    save_every: int | None = Field(200, ge=1)
+    keep_last_checkpoints: int | None = Field(2, ge=1, description="None keeps every checkpoint")
+    keep_checkpoints_in_output: bool = False
+    eval_max_new_tokens: int = Field(256, ge=1)
+    eval_batch_size: int = Field(8, ge=1)
+    eval_limit: int | None = Field(None, ge=1)
+    eval_extract: Literal["number", "text"] = "number"
+
+    @classmethod
+    def build(cls, values: dict, *, source: str = "config") -> FinetuneConfig:
+        """Validate and report every problem at once, each as `field: what is wrong`."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()
+            )
+            raise InvalidConfig(f"{source}: {problems}") from None
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> FinetuneConfig:
+        return cls.build(read_yaml_mapping(path, "option: value"), source=str(path))
+
+    def updated(self, **changes: object) -> FinetuneConfig:
+        """A validated copy (pydantic's `model_copy(update=)` would skip validation)."""
+        return self.build({**self.model_dump(), **changes}, source="overrides")
+
+    def resume_fingerprint(self) -> dict:
+        return self.model_dump(exclude=set(RESUME_NEUTRAL))
+
+
+@dataclass(frozen=True)
+class Plan:
+    total_steps: int
+    warmup_steps: int
+    accumulation: int  # micro-batches per process per optimizer step
+    world_size: int
+    examples: int
+
+    @property
+    def epochs(self) -> float:
+        return self.total_steps * self.accumulation * self.world_size / self.examples
+
+
+def make_plan(config: FinetuneConfig, examples: int, world_size: int) -> Plan:
+    per_pass = config.micro_batch_size * world_size
+    if config.batch_size % per_pass:
+        raise InvalidConfig(
+            f"batch_size {config.batch_size} is not a multiple of micro_batch_size {config.micro_batch_size} "
+            f"x {world_size} process(es); choose a micro_batch_size that divides {config.batch_size // world_size or 1}"
+        )
+    total = config.max_steps or max(1, math.ceil(config.epochs * examples / config.batch_size))
+    warmup = math.ceil(config.warmup_ratio * total)
+    return Plan(total, warmup, config.batch_size // per_pass, world_size, examples)
+
+
+class ExampleOrder:
+    """Which examples each optimizer step trains on: a pure function of (seed, step).
+
+    The data is an endless stream of epochs, each a fresh permutation seeded by (seed, epoch); step s
+    (0-based) takes stream positions [s*B, (s+1)*B). Resuming at step s needs no saved iterator, no
+    example is dropped at epoch ends, and the order does not depend on the number of processes.
+    """
+
+    def __init__(self, examples: int, batch_size: int, seed: int) -> None:
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+
+    @lru_cache(maxsize=4)  # noqa: B019 - a handful of epochs, the instance lives for one run
+    def _permutation(self, epoch: int) -> tuple[int, ...]:
+        return tuple(int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(self.examples))
+
+    def step_indices(self, step: int) -> list[int]:
+        start = step * self.batch_size
+        return [
+            self._permutation(p // self.examples)[p % self.examples]
+            for p in range(start, start + self.batch_size)
+        ]

@@ -1,0 +1,250 @@
+"""Transferability pre-check: how well will each candidate Δ_s transfer to a target base m_t?
+
+Cheap signals, no fine-tuning and no generation:
+
+1. Proximity: d = ‖m_t − m_s‖ / ‖Δ_s‖, the distance between the Δ's source base and the target in
+   units of the fine-tuning update; transfer works best between close versions (Lin et al., 2025).
+   Needs m_s: a `bases` entry per Δ, or a target whose content hash equals the Δ's recorded base.
+2. Cosine between Δ_s and m_t − m_s: whether the release moved along (or against) the fine-tune.
+3. Probe: mean response-token loss of m_t + α·Δ_s on a small held-out sample, for a few α, each
+   applied model streamed into a temporary folder with `recycler.stages.apply.apply_diff`.
+
+score = probe_gain + 0.1·proximity + 0.05·cosine, where probe_gain = 1 − min_α L(m_t + α·Δ_s) / L(m_t)
+and proximity = 1/(1 + d). The weights were fixed before any validation: the probe measures the task
+directly and dominates; the parameter-space terms break near-ties and rank candidates when no sample
+is given. Signals that cannot be computed are left out of every candidate's score and named in `notes`.
+
+A given base is checked against the fingerprint in the Δ's manifest. Δs extracted without
+`hash_inputs` record only the structure (shapes, sizes), so another version of the same architecture
+passes that check: the note "matched by structure only" says so.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from recycler.delta.policy import ApplyPolicy
+from recycler.errors import IncompatibleCheckpoints, PrecheckError
+from recycler.io.checkpoint import Checkpoint, open_checkpoint
+from recycler.io.jsonl import read_jsonl_objects, require_nonempty
+from recycler.io.manifest import fingerprint
+from recycler.io.reader import ChunkReader, chunk_ranges
+from recycler.stages.apply import apply_diff, stored_delta
+from recycler.stages.evaluate.evaluators import LossEvaluator
+from recycler.stages.finetune.data import Messages, encode_records, parse_record
+
+W_PROXIMITY, W_COSINE = 0.1, 0.05
+Progress = Callable[[str, int, int], None]  # (label, done, total)
+
+
+class Candidate(BaseModel):
+    diff: str
+    base: str | None = None
+    relative_distance: float | None = None  # ‖m_t − m_s‖ / ‖Δ_s‖
+    base_distance: float | None = None  # ‖m_t − m_s‖ / ‖m_s‖
+    cosine: float | None = None  # cos(Δ_s, m_t − m_s)
+    probe_loss: dict[str, float] = {}  # α → mean response-token loss of m_t + α·Δ_s
+    best_alpha: float | None = None
+    probe_gain: float | None = None
+    score: float = 0.0
+    notes: list[str] = []
+
+
+class PrecheckResult(BaseModel):
+    target: str
+    target_loss: float | None
+    sample_size: int
+    signals: list[str]  # the terms that make up every candidate's score
+    candidates: list[Candidate]  # best first
+
+
+# ---- parameter-space signals ----------------------------------------------------------------------------
+
+
+def _base_for(target: Checkpoint, diff: Checkpoint, base: Path | None) -> tuple[Path | None, list[str]]:
+    """The Δ's source base: the given folder (checked against the Δ's manifest) or the target itself."""
+    recorded = ((diff.manifest or {}).get("sources") or {}).get("base") or {}
+    want = recorded.get("fingerprint") or {}
+    if base is not None:
+        got = fingerprint(open_checkpoint(base), full=want.get("kind") == "sha256")
+        if want.get("kind") in ("sha256", "structure") and got["sha256"] != want.get("sha256"):
+            raise IncompatibleCheckpoints(
+                f"{base} is not the base {diff.path} was extracted from (fingerprints differ); "
+                f"pass the folder recorded in its manifest (id {recorded.get('id')!r})"
+            )
+        note = (
+            ["base matched to the Δ's manifest by structure only"] if want.get("kind") == "structure" else []
+        )
+        return Path(base), note
+    if want.get("kind") == "sha256" and fingerprint(target, full=True)["sha256"] == want.get("sha256"):
+        return target.path, ["the target is the Δ's own base"]
+    return None, [f"source base unknown (pass --base for {diff.path.name}): no distance or cosine"]
+
+
+def parameter_signals(target: Checkpoint, base: Checkpoint, diff: Checkpoint) -> dict[str, float]:
+    """Stream the three checkpoints chunk by chunk; float32 sums of ‖t−b‖², ‖b‖², ‖Δ‖², ⟨Δ, t−b⟩."""
+    sums = dict.fromkeys(("tb", "b", "d", "dot"), 0.0)
+    chunks = ChunkReader()
+    try:
+        for name, d in diff.tensors.items():
+            t, b = target.tensors.get(name), base.tensors.get(name)
+            if t is None or b is None or not (t.shape == b.shape == d.shape):
+                raise IncompatibleCheckpoints(
+                    f"tensor {name}: Δ, target and base differ in shape or presence; the distance signals "
+                    "need one architecture and vocabulary (omit --base to rank by the probe alone)"
+                )
+            for start, count in chunk_ranges(d.numel):
+                tv = chunks.widen(t, start, count, chunks.scratch("t", count), "t")
+                bv = chunks.widen(b, start, count, chunks.scratch("b", count), "b")
+                dv = chunks.widen(d, start, count, chunks.scratch("d", count), "d")
+                sums["b"] += float(torch.dot(bv, bv))
+                tv.sub_(bv)  # (count,) m_t − m_s
+                sums["tb"] += float(torch.dot(tv, tv))
+                sums["d"] += float(torch.dot(dv, dv))
+                sums["dot"] += float(torch.dot(dv, tv))
+    finally:
+        chunks.close()
+    norm_tb, norm_d = math.sqrt(sums["tb"]), math.sqrt(sums["d"])
+    return {
+        "relative_distance": norm_tb / max(norm_d, 1e-30),
+        "base_distance": norm_tb / max(math.sqrt(sums["b"]), 1e-30),
+        "cosine": sums["dot"] / (norm_tb * norm_d) if norm_tb > 0 and norm_d > 0 else 0.0,
+    }
+
+
+# ---- probe ----------------------------------------------------------------------------------------------
+
+
+def probe_conversations(sample: Path, n: int) -> list[Messages]:
+    """The first `n` lines of SFT data ({"messages"} / {"prompt", "response"}) or a task file ({…, "answer"})."""
+    out: list[Messages] = []
+    for line, obj in read_jsonl_objects(sample):
+        if "answer" in obj and "response" not in obj:
+            prompt = obj.get("messages") or [{"role": "user", "content": obj.get("prompt")}]
+            obj = {"messages": [*prompt, {"role": "assistant", "content": str(obj["answer"])}]}
+        out.append(parse_record(obj, f"{sample}:{line}"))
+        if len(out) >= n:
+            break
+    return require_nonempty(sample, out)
+
+
+def probe_loss(model_dir: Path, conversations: list[Messages]) -> float:
+    from recycler.stages.finetune.data import SFTRecord
+    from recycler.stages.model_folder import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    records = [SFTRecord(model_dir, i + 1, m) for i, m in enumerate(conversations)]
+    examples = encode_records(tokenizer, records, max_length=4096)
+    result = LossEvaluator("probe", examples, batch_size=16).evaluate(load_causal_lm(model_dir), tokenizer)
+    return result.score
+
+
+def _applied_loss(target: Path, diff: Path, alpha: float, conversations: list[Messages], tmp: Path) -> float:
+    out = tmp / f"probe-{len(list(tmp.iterdir()))}"
+    apply_diff(target, diff, out, policy=ApplyPolicy(alpha=alpha))
+    return probe_loss(out, conversations)
+
+
+# ---- driver ---------------------------------------------------------------------------------------------
+
+
+def precheck(
+    target: Path,
+    diffs: Sequence[Path],
+    *,
+    bases: Sequence[Path | None] | None = None,
+    alphas: Sequence[float] = (0.5, 1.0),
+    sample: Path | None = None,
+    n: int = 64,
+    progress: Progress | None = None,
+) -> PrecheckResult:
+    """Score and rank candidate Δs (and the best α of each) for `target`, best first.
+
+    Raises PrecheckError when there is nothing to score (no sample and no known base), and
+    IncompatibleCheckpoints when a given base is not the one a Δ was extracted from.
+    """
+    if not diffs:
+        raise PrecheckError("no candidate Δ given; pass at least one --diff")
+    bases = list(bases) if bases is not None else [None] * len(diffs)
+    if len(bases) != len(diffs):
+        raise PrecheckError(f"{len(bases)} bases for {len(diffs)} Δs; give one --base per --diff, in order")
+    if not alphas or any(not math.isfinite(a) for a in alphas):
+        raise PrecheckError(f"alphas must be finite numbers, got {list(alphas)}")
+    tgt = open_checkpoint(target)
+    candidates = []
+    for diff, base in zip(diffs, bases, strict=True):
+        stored_delta(diff)  # validates the Δ artifact (manifest kind, file sizes) before any work
+        ck = open_checkpoint(diff, require_config=False)
+        base_path, notes = _base_for(tgt, ck, base)
+        cand = Candidate(diff=str(diff), base=str(base_path) if base_path else None, notes=notes)
+        if base_path is not None:
+            for key, value in parameter_signals(tgt, open_checkpoint(base_path), ck).items():
+                setattr(cand, key, value)
+        candidates.append(cand)
+    if sample is None and all(c.relative_distance is None for c in candidates):
+        raise PrecheckError("nothing to score: pass --sample (a probe of held-out loss) or --base per Δ")
+    target_loss = _run_probes(Path(target), candidates, alphas, sample, n, progress) if sample else None
+    signals = _score(candidates, target_loss)
+    candidates.sort(key=lambda c: c.score, reverse=True)
+    return PrecheckResult(
+        target=str(target),
+        target_loss=target_loss,
+        sample_size=len(probe_conversations(sample, n)) if sample else 0,
+        signals=signals,
+        candidates=candidates,
+    )
+
+
+def _run_probes(
+    target: Path,
+    candidates: list[Candidate],
+    alphas: Sequence[float],
+    sample: Path,
+    n: int,
+    progress: Progress | None,
+) -> float:
+    """Fill each candidate's probe losses; returns L(m_t) (α = 0 under the first Δ's tokenizer files)."""
+    conversations = probe_conversations(sample, n)
+    total, done = 1 + len(candidates) * len(alphas), 0
+    with tempfile.TemporaryDirectory(prefix="recycler-precheck-") as tmp:
+        base_loss = _applied_loss(target, Path(candidates[0].diff), 0.0, conversations, Path(tmp))
+        for cand in candidates:
+            for alpha in alphas:
+                done += 1
+                if progress:
+                    progress(f"probing {Path(cand.diff).name} α={alpha:g}", done, total)
+                cand.probe_loss[f"{alpha:g}"] = _applied_loss(
+                    target, Path(cand.diff), alpha, conversations, Path(tmp)
+                )
+    if progress:
+        progress("probes done", total, total)
+    if not math.isfinite(base_loss) or base_loss <= 0:
+        raise PrecheckError(f"the target's probe loss is {base_loss}; cannot measure a relative gain")
+    return base_loss
+
+
+def _score(candidates: list[Candidate], target_loss: float | None) -> list[str]:
+    """Combine the signals every candidate has; returns the names of the terms used."""
+    probe = target_loss is not None
+    has_distance = all(c.relative_distance is not None for c in candidates)
+    signals = (["probe_gain"] if probe else []) + (["proximity", "cosine"] if has_distance else [])
+    if not has_distance and any(c.relative_distance is not None for c in candidates):
+        for c in candidates:
+            c.notes.append("distance and cosine left out of the score: not every candidate has a known base")
+    for c in candidates:
+        score = 0.0
+        if probe:
+            alpha, loss = min(c.probe_loss.items(), key=lambda kv: kv[1])
+            c.best_alpha = float(alpha)
+            c.probe_gain = 1.0 - loss / target_loss
+            score += c.probe_gain
+        if has_distance:
+            score += W_PROXIMITY / (1.0 + c.relative_distance) + W_COSINE * c.cosine
+        c.score = score
+    return signals

@@ -1,0 +1,65 @@
+"""Fake trainer and scorer: the release cycle's every branch, exercised without training anything.
+
+`FakeTrainer` writes a "fine-tune" by perturbing the start model (a real HF folder, so apply, extract,
+publish and register all run for real) and a training record whose accuracy curve comes from a table.
+`FakeScorer` answers from the same kind of table, keyed by (release version, workspace role), so a
+test states the scores each branch needs: "the baseline wins", "nothing beats the champion", …
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recycler.service.spec import CycleSpec, EvalSettings
+from recycler.toy.tiny import perturb_model
+
+ROLE_OF_FOLDER = {"base": "base", "merged": "merged", "ft": "ft", "ft-from-base": "ft_from_base"}
+Scores = Callable[[str, str], float]  # (version, role) → score
+
+
+def _where(model: Path) -> tuple[str, str]:
+    """(version, role) of a workspace folder <home>/work/<family>/<variant>/<version>/<role>."""
+    model = Path(model)
+    role = ROLE_OF_FOLDER.get(model.name, model.name.split("-", 1)[0])
+    return model.parent.name, role
+
+
+@dataclass
+class FakeTrainer:
+    scores: Scores
+    steps: int = 30
+    calls: list[tuple[Path, Path]] = field(default_factory=list)
+
+    def finetune(self, start: Path, dest: Path, spec: CycleSpec) -> None:
+        self.calls.append((Path(start), Path(dest)))
+        version, role = _where(dest)
+        final = self.scores(version, role)
+        tmp = dest.parent / f".{dest.name}.fake"
+        shutil.rmtree(tmp, ignore_errors=True)
+        perturb_model(start, tmp, scale=0.02, seed=zlib.crc32(f"{version}/{role}".encode()))
+        curve = [[s, final * s / self.steps] for s in range(0, self.steps + 1, 10)]
+        record = {"curve": curve, "steps": self.steps, "wall_time_s": 1.0 * self.steps, "loss_per_step": []}
+        (tmp / "training_record.json").write_text(json.dumps(record))
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+
+
+@dataclass
+class FakeScorer:
+    scores: Scores
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    def score(self, model: Path, evaluation: EvalSettings) -> float:
+        where = _where(model)
+        self.calls.append(where)
+        return self.scores(*where)
+
+
+def table(values: dict[tuple[str, str], float], default: float = 0.0) -> Scores:
+    """Scores from {(version, role): score}; bases score `default` unless listed."""
+    return lambda version, role: values.get((version, role), default)

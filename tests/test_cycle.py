@@ -1,0 +1,278 @@
+"""Every branch of the release cycle (recycler.service.cycle.run_cycle) with a fake trainer and scorer:
+no training, no servers (MLflow on a SQLite file, a local artifact store), seconds per cycle.
+
+The fakes (tests/fakes.py) write real HF folders, so staging, apply, extract, publish and registration
+all run for real; only the fine-tune is a perturbation and the scores come from a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fakes import FakeScorer, FakeTrainer, table
+
+from recycler.errors import GateRefused
+from recycler.registry.client import Registry
+from recycler.service import steps
+from recycler.service.cycle import run_cycle, run_locally
+from recycler.service.services import Services
+from recycler.service.spec import CycleSpec
+from recycler.settings import Settings
+from recycler.stages.gate import decide
+from recycler.store.local import LocalStore
+from recycler.toy.tiny import build_tiny_model, perturb_model
+
+
+@pytest.fixture(scope="session")
+def tiny_releases(tmp_path_factory) -> dict[str, Path]:
+    """Three close base versions of a tiny Llama (each the previous one, perturbed) and task files."""
+    root = tmp_path_factory.mktemp("tiny-releases")
+    v1 = build_tiny_model(root / "src" / "v1", dtype=torch.float32, seed=11)
+    v2 = perturb_model(v1, root / "src" / "v2", scale=0.05, seed=12)
+    v3 = perturb_model(v2, root / "src" / "v3", scale=0.05, seed=13)
+    sample = root / "sample.jsonl"
+    sample.write_text(
+        "".join(json.dumps({"prompt": f"{a}+{a}?", "response": str(2 * a)}) + "\n" for a in range(8))
+    )
+    return {"v1": v1, "v2": v2, "v3": v3, "sample": sample}
+
+
+@pytest.fixture
+def world(tiny_releases, tmp_path, monkeypatch):
+    """A release folder (versions appear as they are published), settings and a spec factory."""
+    monkeypatch.setenv("RECYCLER_TRACK", "0")
+    releases = tmp_path / "releases"
+    releases.mkdir()
+    settings = Settings(home=tmp_path / "home", tracking_uri="", registry_uri="", artifact_store="")
+
+    def publish(*versions: str) -> None:
+        for v in versions:
+            shutil.copytree(tiny_releases[v], releases / v, copy_function=os.link)
+
+    def spec(**kw) -> CycleSpec:
+        base = {
+            "family": "fam",
+            "variant": "inst",
+            "train": tiny_releases["sample"],
+            "eval_task": tiny_releases["sample"],
+        }
+        return CycleSpec(**{**base, "max_relative_norm": 5.0, **kw})
+
+    return releases, settings, publish, spec
+
+
+def services(settings: Settings, scores: dict) -> Services:
+    trainer, scorer = FakeTrainer(table(scores)), FakeScorer(table(scores))
+    return Services(
+        settings, LocalStore(Path(settings.artifact_store)), Registry(settings.tracking_uri), trainer, scorer
+    )
+
+
+def aliases(svc: Services, name: str) -> dict[str, str]:
+    return {a: v.version for v in svc.registry.versions(*name.split(":")) for a in v.aliases}
+
+
+FIRST = {("v1", "ft"): 0.6}
+SECOND = {**FIRST, ("v2", "merged"): 0.4, ("v2", "ft"): 0.7, ("v2", "ft_from_base"): 0.65}
+
+
+# ---- the decision, as a pure function ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scores", "champion", "kw", "first", "expected"),
+    [
+        ({"base": 0.1, "ft": 0.6}, None, {}, True, ("ft", "ft", "direct", True)),
+        ({"base": 0.1, "merged": 0.4, "ft": 0.7}, 0.6, {}, False, ("ft", "ft", "iterative", True)),
+        (
+            {"base": 0.1, "ft": 0.7, "ft_from_base": 0.8},
+            0.6,
+            {},
+            False,
+            ("ft-from-base", "ft-from-base", "direct", True),
+        ),
+        (
+            {"base": 0.1, "ft": 0.7, "ft_from_base": 0.8},
+            0.6,
+            {"pick_best": False},
+            False,
+            ("ft", "ft", "iterative", True),
+        ),
+        (
+            {"base": 0.1, "ft": 0.8, "ft_from_base": 0.7},
+            0.6,
+            {"mode": "direct", "baseline": True},
+            False,
+            ("ft", "ft-from-base", "direct", True),
+        ),
+        ({"base": 0.1, "ft": 0.62}, 0.6, {"gate_margin": 0.05}, False, ("ft", "ft", "iterative", False)),
+        ({"base": 0.5, "ft": 0.5}, None, {}, True, ("ft", "ft", "direct", True)),  # margin 0: ties pass
+        ({"base": 0.5, "ft": 0.49}, None, {}, True, ("ft", "ft", "direct", False)),
+    ],
+)
+def test_decide(world, scores, champion, kw, first, expected):
+    spec = world[3](**kw)
+    d = decide(scores, champion, spec, first=first)
+    assert (d.candidate, d.delta_source, d.diff_mode, d.promote) == expected
+    assert d.champion_before == champion
+    assert d.gate == "promoted" if d.promote else d.gate.startswith("refused: fine-tuned")
+
+
+# ---- cycles ----------------------------------------------------------------------------------------------
+
+
+def test_first_cycle_fine_tunes_the_base_and_registers_ft_and_its_delta(world):
+    releases, settings, publish, spec = world
+    publish("v1")
+    svc = services(settings, FIRST)
+    out = run_cycle("v1", str(releases), spec(), services=svc)
+    assert (out.mode, out.candidate, out.promoted, out.parent_diff) == ("first", "first", True, None)
+    assert out.registered["merged"] is None and out.scores == {"base": 0.0, "ft": 0.6}
+    ((start, dest),) = svc.trainer.calls
+    assert start.name == "base" and dest.name == "ft"
+    ft, diff = svc.registry.resolve(out.registered["ft"]), svc.registry.resolve(out.registered["diff"])
+    assert ft.tags["role"] == "ft" and ft.tags["cycle_status"] == "complete" and ft.tags["gate"] == "promoted"
+    assert ft.tags["gate_champion_before"] == "none" and "parent_diff" not in ft.tags
+    assert diff.tags["source_ft"] == ft.reference and "cycle_parent_diff" not in diff.tags
+    assert aliases(svc, "ft:fam:inst") == {"champion": ft.version, "champion-v1": ft.version}
+    assert aliases(svc, "diff:fam:inst") == {"next-diff": diff.version}
+    # a finished cycle is a no-op: nothing trained, nothing registered again
+    again = run_cycle("v1", str(releases), spec(), services=svc)
+    assert again.status == "already-complete" and len(svc.trainer.calls) == 1
+
+
+def test_iterative_cycle_fine_tunes_from_base_plus_delta(world):
+    releases, settings, publish, spec = world
+    publish("v1", "v2")
+    svc = services(settings, SECOND)
+    first = run_cycle("v1", str(releases), spec(), services=svc)
+    out = run_cycle("v2", str(releases), spec(), services=svc)
+    assert (out.mode, out.candidate, out.parent_diff) == ("iterative", "recycled", first.registered["diff"])
+    assert out.scores["merged"] == 0.4 and "ft_from_base" not in out.scores  # no baseline asked for
+    start, dest = svc.trainer.calls[-1]
+    assert start.name == "merged" and dest.parent.name == "v2"
+    merged = svc.registry.resolve(out.registered["merged"])
+    ft = svc.registry.resolve(out.registered["ft"])
+    diff = svc.registry.resolve(out.registered["diff"])
+    assert merged.tags["parent_diff"] == first.registered["diff"]
+    assert ft.tags["source_merged"] == merged.reference and ft.tags["role"] == "recycled-ft"
+    assert diff.tags["diff_mode"] == "iterative" and diff.tags["source_ft"] == ft.reference
+    assert diff.tags["cycle_parent_diff"] == first.registered["diff"]
+    assert aliases(svc, "diff:fam:inst")["next-diff"] == diff.version
+    assert aliases(svc, "ft:fam:inst")["champion"] == ft.version
+
+
+def test_direct_mode_recycles_the_baseline_delta(world):
+    releases, settings, publish, spec = world
+    publish("v1", "v2")
+    svc = services(settings, SECOND)
+    run_cycle("v1", str(releases), spec(mode="direct", baseline=True), services=svc)
+    out = run_cycle("v2", str(releases), spec(mode="direct", baseline=True), services=svc)
+    assert out.mode == "direct" and out.scores["ft_from_base"] == 0.65 and out.candidate == "recycled"
+    assert [d.name for _, d in svc.trainer.calls] == ["ft", "ft", "ft-from-base"]
+    diff = svc.registry.resolve(out.registered["diff"])
+    baseline = svc.registry.resolve(out.registered["baseline"])
+    assert diff.tags["diff_mode"] == "direct" and diff.tags["source_ft"] == baseline.reference
+    assert baseline.tags["role"] == "ft-from-base"
+    assert (
+        out.savings["steps_to_target"] == 30 and out.savings["baseline_steps"] == 30
+    )  # 0.7·s/30 ≥ 0.65 at s=30
+
+
+def test_baseline_wins_with_pick_best_and_becomes_champion(world):
+    releases, settings, publish, spec = world
+    publish("v1", "v2")
+    scores = {**SECOND, ("v2", "ft_from_base"): 0.9}
+    svc = services(settings, scores)
+    run_cycle("v1", str(releases), spec(baseline=True), services=svc)
+    out = run_cycle("v2", str(releases), spec(baseline=True), services=svc)
+    assert out.candidate == "from-base" and out.promoted
+    baseline = svc.registry.resolve(out.registered["baseline"])
+    diff = svc.registry.resolve(out.registered["diff"])
+    assert aliases(svc, "ft:fam:inst")["champion"] == baseline.version
+    assert diff.tags["source_ft"] == baseline.reference and diff.tags["diff_mode"] == "direct"
+    # without pick_best the recycled fine-tune stays the candidate whatever the baseline scores
+    publish("v3")
+    scores[("v3", "ft")], scores[("v3", "ft_from_base")] = 0.95, 0.99
+    out3 = run_cycle("v3", str(releases), spec(baseline=True, pick_best=False), services=svc)
+    assert out3.candidate == "recycled"
+    assert svc.registry.resolve(out3.registered["diff"]).tags["diff_mode"] == "iterative"
+
+
+def test_refused_gate_moves_no_alias_but_completes_the_cycle(world):
+    releases, settings, publish, spec = world
+    publish("v1", "v2")
+    svc = services(settings, {**SECOND, ("v2", "ft"): 0.61})
+    first = run_cycle("v1", str(releases), spec(), services=svc)
+    out = run_cycle("v2", str(releases), spec(gate_margin=0.05), services=svc)
+    assert not out.promoted and "does not beat champion 0.600" in out.gate
+    ft = svc.registry.resolve(out.registered["ft"])
+    assert ft.tags["gate"].startswith("refused") and ft.tags["cycle_status"] == "complete"
+    assert aliases(svc, "ft:fam:inst") == {"champion": "1", "champion-v1": "1"}
+    assert aliases(svc, "diff:fam:inst") == {
+        "next-diff": svc.registry.resolve(first.registered["diff"]).version
+    }
+    # v3 therefore recycles v1's Δ, not the refused cycle's
+    publish("v3")
+    assert steps.previous_diff(svc.registry, spec(), "v3").reference == first.registered["diff"]
+
+
+def test_precheck_below_threshold_stops_before_fine_tuning(world, tiny_releases):
+    releases, settings, publish, spec = world
+    publish("v1", "v2")
+    svc = services(settings, SECOND)
+    run_cycle("v1", str(releases), spec(), services=svc)
+    strict = spec(precheck_sample=tiny_releases["sample"], precheck_min_score=10.0)  # unreachable
+    with pytest.raises(GateRefused, match="pre-check score .* is below 10.0"):
+        run_cycle("v2", str(releases), strict, services=svc)
+    assert len(svc.trainer.calls) == 1  # only v1's
+    assert [v.tags["base_version"] for v in svc.registry.versions("ft", "fam", "inst")] == ["v1"]
+    out = run_cycle(
+        "v2",
+        str(releases),
+        spec(precheck_sample=tiny_releases["sample"], precheck_min_score=-10.0),
+        services=svc,
+    )
+    assert set(out.precheck) == {"score", "probe_gain", "target_loss"} and out.promoted
+
+
+def test_rerun_after_aliases_half_moved_decides_as_the_first_attempt(world):
+    """A crash between moving `champion` and `next-diff`: the re-run must compare against the champion
+    *before* the cycle (recorded on its fine-tune), not against its own candidate, and finish the move."""
+    releases, settings, publish, spec = world
+    publish("v1", "v2")
+    svc = services(settings, SECOND)
+    run_cycle("v1", str(releases), spec(), services=svc)
+
+    def crash_in_promote(label, fn, *args, **kwargs):
+        if label == "promote":
+            registered = args[4]
+            svc.registry.set_alias("ft", "fam", "inst", "champion", registered["ft"].version)  # half moved
+            raise RuntimeError("killed")
+        return run_locally(label, fn, *args, **kwargs)
+
+    margin = spec(gate_margin=0.05)  # 0.7 beats 0.6 + 0.05, but not itself + 0.05
+    with pytest.raises(RuntimeError, match="killed"):
+        run_cycle("v2", str(releases), margin, services=svc, run=crash_in_promote)
+    out = run_cycle("v2", str(releases), margin, services=svc)
+    assert out.promoted and out.champion_before == 0.6
+    assert aliases(svc, "diff:fam:inst")["next-diff"] == svc.registry.resolve(out.registered["diff"]).version
+    assert [len(svc.registry.versions(k, "fam", "inst")) for k in ("ft", "diff", "merged")] == [2, 2, 1]
+
+
+def test_invalid_or_missing_release_is_refused_before_any_write(world):
+    releases, settings, publish, spec = world
+    publish("v1")
+    svc = services(settings, FIRST)
+    for bad in ("../v1", "v1/../../etc", "", "v1 ; rm -rf /"):
+        with pytest.raises(Exception, match="invalid version"):
+            run_cycle(bad, str(releases), spec(), services=svc)
+    with pytest.raises(Exception, match=r"no release 'v9' .* \(it has: v1\)"):
+        run_cycle("v9", str(releases), spec(), services=svc)
+    assert not (settings.home / "work" / "fam" / "inst" / "v9").exists()
+    assert not Path(settings.artifact_store).exists()
