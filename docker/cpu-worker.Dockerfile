@@ -3,7 +3,7 @@
 # bookkeeping, registration). Build from the repository root:
 #   docker build -f docker/cpu-worker.Dockerfile -t REGISTRY/recycler/cpu-worker:0.1.0 .
 # The Prefect server runs from this image too, so that it gets the pins it needs (fastapi 0.150,
-# SQLAlchemy < 2.1: newer ones break the 3.8.8 server or its scheduler).
+# SQLAlchemy < 2.1: the 3.9.1 server and scheduler were verified with these).
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
 # ---- build ----------------------------------------------------------------------------------------------
@@ -20,8 +20,8 @@ COPY recycler /src/recycler
 COPY flows /src/flows
 # prefect-kubernetes: this image also runs the Kubernetes workers that submit flow-run Jobs.
 RUN pip install /src \
-        "accelerate==1.15.0" "transformers==5.23.0" "safetensors==0.8.0" \
-        "prefect==3.8.8" "fastapi==0.150.0" "sqlalchemy[asyncio]==2.0.58" \
+        "accelerate==1.16.0" "transformers==5.24.0" "safetensors==0.8.0" \
+        "prefect==3.9.1" "fastapi==0.150.0" "sqlalchemy[asyncio]==2.0.58" \
         "mlflow==3.17.2" "prefect-aws==0.7.12" "prefect-kubernetes==0.8.0" "boto3==1.44.5"
 
 # ---- runtime --------------------------------------------------------------------------------------------
@@ -31,8 +31,10 @@ RUN groupadd --gid 10001 recycler \
  && mkdir -p /scratch \
  && chown 10001:10001 /scratch
 COPY --from=build /opt/venv /opt/venv
-COPY flows /opt/recycler/flows
 COPY infra/accelerate /opt/recycler/accelerate
+# `recycler deploy` (pools and deployments) can run from this image: it reads infra/prefect.yaml.
+COPY infra/prefect.yaml /opt/recycler/infra/prefect.yaml
+COPY infra/k8s /opt/recycler/infra/k8s
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -23,10 +23,10 @@ RUN python3.12 -m venv /opt/venv \
 COPY pyproject.toml README.md /src/
 COPY recycler /src/recycler
 COPY flows /src/flows
-# Pins: the set verified to run together (Prefect 3.8.8 needs fastapi 0.150 and SQLAlchemy < 2.1).
+# Pins: the set the tests run on (Prefect 3.9.1 with fastapi 0.150 and SQLAlchemy 2.0).
 RUN pip install /src \
-        "accelerate==1.15.0" "transformers==5.23.0" "safetensors==0.8.0" \
-        "prefect==3.8.8" "fastapi==0.150.0" "sqlalchemy[asyncio]==2.0.58" \
+        "accelerate==1.16.0" "transformers==5.24.0" "safetensors==0.8.0" \
+        "prefect==3.9.1" "fastapi==0.150.0" "sqlalchemy[asyncio]==2.0.58" \
         "mlflow==3.17.2" "prefect-aws==0.7.12" "boto3==1.44.5"
 
 # ---- runtime: same CUDA base, the venv, a non-root user -----------------------------------------------
@@ -41,9 +41,9 @@ RUN apt-get update \
  && mkdir -p /scratch \
  && chown 10001:10001 /scratch
 COPY --from=build /opt/venv /opt/venv
-# Deployment entrypoints (flows/release.py:...) resolve against the working directory; the accelerate
-# configs are found through RECYCLER_ACCELERATE_CONFIGS (recycler.stages.finetune.launcher); the benchmark runs on a node.
-COPY flows /opt/recycler/flows
+# Deployment entrypoints are modules of the installed package (recycler_flows.…), so no source tree is
+# needed here; the accelerate configs are found through RECYCLER_ACCELERATE_CONFIGS
+# (recycler.stages.finetune.launcher); the benchmark runs on a node.
 COPY infra/accelerate /opt/recycler/accelerate
 COPY bench/gpu_bench.py /opt/recycler/bench/gpu_bench.py
 # No credentials here: AWS_*, MLFLOW_TRACKING_* and PREFECT_API_URL come from the Kubernetes secret

@@ -10,10 +10,11 @@ A family's cycle settings live in a YAML file (the fields of `recycler.service.s
     family: llama-3-8b
     variant: instruct
     train: data/instruct-train.jsonl
-    eval_task: data/heldout.jsonl
+    evaluation: {task: data/heldout.jsonl, extract: number}
     finetune: {learning_rate: 5.0e-6, batch_size: 8, epochs: 2}
     gate_margin: 0.01
-    baseline: false
+
+`recycler init-spec` writes a commented template with every field.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+SERVED = "served"  # deployment name of `recycler serve` (infra/prefect.yaml uses watcher/gpu/manual)
 
 SpecOpt = Annotated[
     Path, typer.Option("--spec", "-s", help="YAML file with the family's cycle settings (CycleSpec fields).")
@@ -54,8 +57,15 @@ def cycle_command(
 ) -> None:
     """Run one release cycle: apply the family's next-diff, fine-tune, evaluate, gate, register."""
     from recycler.service.spec import load_spec
+    from recycler.service.steps import find_release
+    from recycler.settings import get_settings
+    from recycler.store.releases import open_source
 
     family_spec = load_spec(spec)
+    # the release must exist before anything starts (a server, a database): one line if it does not
+    find_release(
+        open_source(source, family_spec.family, endpoint_url=get_settings().s3_endpoint_url), version
+    )
     _prefect_defaults()
     from recycler_flows.release import release_cycle
 
@@ -89,28 +99,49 @@ def backport_command(
         typer.Argument(help="A registered Δ: NAME@ALIAS or NAME/VERSION, e.g. fam-instruct-diff@next-diff."),
     ],
     target: Annotated[str, typer.Argument(help="A registered base version to apply it to, e.g. v1.")],
-    family: Annotated[str, typer.Option("--family", help="Model family.")],
-    task: Annotated[Path, typer.Option("--task", help="Task JSONL to evaluate base and result on.")],
-    variant: Annotated[str, typer.Option("--variant", help="Fine-tuned variant.")] = "instruct",
-    alpha: Annotated[float, typer.Option("--alpha", help="Scale of Δ.")] = 1.0,
-    extract: Annotated[
-        str,
+    spec: Annotated[
+        Path | None,
         typer.Option(
-            "--extract", help="Answer extraction: 'number' (last number) or 'text' (normalized text)."
+            "--spec", "-s", help="The family's spec: family, variant, evaluation and alpha come from it."
         ),
-    ] = "number",
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", min=1, help="Longest generated answer.")
-    ] = 256,
+    ] = None,
+    family: Annotated[str | None, typer.Option("--family", help="Model family (without --spec).")] = None,
+    variant: Annotated[
+        str | None, typer.Option("--variant", help="Fine-tuned variant (default: the spec's).")
+    ] = None,
+    task: Annotated[
+        Path | None, typer.Option("--task", help="Task JSONL to evaluate on (without --spec).")
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option("--alpha", help="Scale of Δ (default: the spec's, else 1).")
+    ] = None,
 ) -> None:
-    """Apply a registered Δ to a registered (older) base and register the result, without training."""
-    from recycler.service.transfer import TransferOptions
+    """Apply a registered Δ to a registered (older) base and register the result, without training.
 
-    options = TransferOptions(alpha=alpha, extract=extract, max_new_tokens=max_new_tokens)
+    With --spec the result is evaluated exactly as the family's cycles evaluate; without it, --family
+    and --task are needed (evaluation settings at their defaults).
+    """
+    from recycler.service.spec import EvalSettings, load_spec
+    from recycler.service.transfer import TransferRequest
+
+    family_spec = load_spec(spec) if spec else None
+    evaluation = EvalSettings(task=task) if task else None
+    request = TransferRequest.of(
+        family_spec, family=family, variant=variant, evaluation=evaluation, alpha=alpha
+    )
     _prefect_defaults()
     from recycler_flows.transfer import backport
 
-    _print(backport(diff, target, family, str(task), variant, options))
+    _print(
+        backport(
+            diff,
+            target,
+            family=request.family,
+            variant=request.variant,
+            evaluation=request.evaluation,
+            alpha=request.alpha,
+        )
+    )
 
 
 def serve_command(
@@ -121,22 +152,67 @@ def serve_command(
     """Serve the watcher (on a schedule) and the manual backport/recycle flows from this process.
 
     Needs a Prefect server (PREFECT_API_URL): schedules and manual runs are created by the server.
-    For a cluster use the deployments in infra/prefect.yaml and workers instead.
+    Deployments: watch-releases/served, backport/served, recycle/served (the family's spec as the
+    default parameters). For a cluster use the deployments in infra/prefect.yaml and workers instead.
     """
     from recycler.service.spec import load_spec
 
-    parameters = {"source": source, "spec": load_spec(spec).model_dump(mode="json")}
+    family = load_spec(spec).model_dump(mode="json")
     _prefect_defaults()
     from prefect import serve
     from recycler_flows.release import watch_releases
     from recycler_flows.transfer import backport, recycle
 
+    # Named apart from infra/prefect.yaml's deployments (watcher, manual): a served deployment that
+    # took over a worker deployment's name would crash every run of it (no code storage to pull).
     serve(
         watch_releases.to_deployment(
-            name="watcher", interval=interval, parameters=parameters, concurrency_limit=1
+            name=SERVED, interval=interval, parameters={"source": source, "spec": family}, concurrency_limit=1
         ),
-        backport.to_deployment(name="manual"),
-        recycle.to_deployment(name="manual"),
+        backport.to_deployment(name=SERVED, parameters={"spec": family}),
+        recycle.to_deployment(name=SERVED, parameters={"spec": family}),
+    )
+
+
+def deploy_command(
+    prefect_file: Annotated[
+        Path,
+        typer.Option("--prefect-file", help="The deployment file (its work pools are created if missing)."),
+    ] = Path("infra/prefect.yaml"),
+    pool_type: Annotated[
+        str,
+        typer.Option(
+            "--pool-type", help="Type of the pools created: process, or kubernetes (templates in infra/k8s/)."
+        ),
+    ] = "process",
+) -> None:
+    """Create the work pools a deployment file names (if missing), then deploy every flow in it.
+
+    Needs PREFECT_API_URL. Workers then start with `prefect worker start --pool cpu` (and `--pool
+    a100` on GPU hosts) wherever the project is installed: an image or a checkout.
+    """
+    from recycler_flows.deploy import deploy
+
+    if pool_type not in ("process", "kubernetes"):
+        raise typer.BadParameter("--pool-type must be process or kubernetes")
+    created, output = deploy(prefect_file, pool_type)  # type: ignore[arg-type]
+    typer.echo(output.strip())
+    typer.echo(f"work pools created: {', '.join(created) or 'none (all existed)'}")
+
+
+def init_spec_command(
+    output: Annotated[Path, typer.Argument(help="Where to write the template, e.g. family.yaml.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
+) -> None:
+    """Write a commented family spec: every field with its default and what it does."""
+    from recycler.errors import OutputExists
+    from recycler.service.spec import spec_template
+
+    if output.exists() and not overwrite:
+        raise OutputExists(f"{output} exists; pass --overwrite to replace it")
+    output.write_text(spec_template())
+    typer.echo(
+        f"wrote {output}: fill in family, train and evaluation.task, then `recycler watch RELEASES --spec {output}`"
     )
 
 
@@ -176,3 +252,5 @@ def register(app: typer.Typer) -> None:
     app.command("backport")(backport_command)
     app.command("serve")(serve_command)
     app.command("demo")(demo_command)
+    app.command("init-spec")(init_spec_command)
+    app.command("deploy")(deploy_command)

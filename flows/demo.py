@@ -59,11 +59,8 @@ def run_demo(output: Path, *, fast: bool, say: Say, versions: tuple[str, ...] = 
     from recycler_flows.release import watch_releases
     from recycler_flows.transfer import backport
 
-    from recycler.service.spec import CycleSpec
-    from recycler.service.transfer import TransferOptions
     from recycler.settings import get_settings
     from recycler.toy import build_toy_family
-    from recycler.toy.experiments import TOY_MAX_RELATIVE_NORM
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -73,16 +70,7 @@ def run_demo(output: Path, *, fast: bool, say: Say, versions: tuple[str, ...] = 
     timings["toy family"] = time.perf_counter() - t0
     if unknown := [v for v in versions if v not in fam.versions]:
         raise RecyclerError(f"unknown toy versions {unknown}; the family has {list(fam.versions)}")
-    spec = CycleSpec(
-        family="toy",
-        variant="arith",
-        train=fam.train,
-        eval_task=fam.test,
-        finetune=fam.finetune_config.updated(eval_every=20),
-        max_relative_norm=TOY_MAX_RELATIVE_NORM,
-        baseline=True,
-        precheck_sample=fam.dev,
-    )
+    spec = fam.cycle_spec(finetune={"eval_every": 20}, baseline=True, precheck_sample=str(fam.dev))
     releases = output / "releases"
     releases.mkdir(parents=True, exist_ok=True)
     cycles: list[dict[str, Any]] = []
@@ -94,10 +82,7 @@ def run_demo(output: Path, *, fast: bool, say: Say, versions: tuple[str, ...] = 
         timings[f"cycle {version}"] = time.perf_counter() - t
     t = time.perf_counter()
     say(f"backporting the newest Δ onto {versions[0]} …")
-    options = TransferOptions(
-        extract=spec.finetune.eval_extract, max_new_tokens=spec.finetune.eval_max_new_tokens
-    )
-    back = backport("toy-arith-diff@next-diff", versions[0], "toy", str(fam.test), "arith", options)
+    back = backport("toy-arith-diff@next-diff", versions[0], spec=spec)
     timings["backport"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     settings = get_settings()

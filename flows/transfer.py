@@ -7,28 +7,36 @@ from __future__ import annotations
 from prefect import Flow, flow
 from recycler_flows.tasks import prefect_step
 
-from recycler.service.transfer import How, TransferOptions, run_transfer
+from recycler.service.spec import CycleSpec, EvalSettings
+from recycler.service.transfer import How, TransferRequest, run_transfer
 
 DOCS = {
     "backport": "Apply a newer Δ (e.g. `fam-instruct-diff@next-diff`) to an older registered base, no training.",
     "recycle": "Apply a Δ to another registered base (typically a newer one), no training.",
 }
+PARAMETERS = """
+
+Parameters: `diff` (NAME@ALIAS or NAME/VERSION), `target_version` (a registered base release), and
+either `spec` (the family's CycleSpec: family, variant, evaluation and alpha come from it) or `family`,
+`variant` and `evaluation` ({task, limit, extract, max_new_tokens, batch_size, normalize, chat}, the
+names of `recycler evaluate`'s options); `alpha` overrides the spec's scale of Δ."""
 
 
 def transfer_flow(how: How) -> Flow:
     def transfer(
         diff: str,
         target_version: str,
-        family: str,
-        eval_task: str,
-        variant: str = "instruct",
-        evaluation: TransferOptions | None = None,
+        spec: CycleSpec | None = None,
+        family: str | None = None,
+        variant: str | None = None,
+        evaluation: EvalSettings | None = None,
+        alpha: float | None = None,
     ) -> dict:
-        options = evaluation or TransferOptions()
-        return run_transfer(how, diff, target_version, family, variant, eval_task, options, run=prefect_step)
+        request = TransferRequest.of(spec, family=family, variant=variant, evaluation=evaluation, alpha=alpha)
+        return run_transfer(how, diff, target_version, request, run=prefect_step)
 
     transfer.__name__ = transfer.__qualname__ = how
-    transfer.__doc__ = DOCS[how]
+    transfer.__doc__ = DOCS[how] + PARAMETERS
     return flow(name=how, log_prints=True)(transfer)
 
 

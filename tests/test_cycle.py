@@ -59,7 +59,7 @@ def world(tiny_releases, tmp_path, monkeypatch):
             "family": "fam",
             "variant": "inst",
             "train": tiny_releases["sample"],
-            "eval_task": tiny_releases["sample"],
+            "evaluation": {"task": tiny_releases["sample"]},
         }
         return CycleSpec(**{**base, "max_relative_norm": 5.0, **kw})
 
@@ -276,3 +276,86 @@ def test_invalid_or_missing_release_is_refused_before_any_write(world):
         run_cycle("v9", str(releases), spec(), services=svc)
     assert not (settings.home / "work" / "fam" / "inst" / "v9").exists()
     assert not Path(settings.artifact_store).exists()
+
+
+# ---- manual transfers ---------------------------------------------------------------------------------
+
+
+def test_backport_result_depends_on_every_input_and_is_never_reused_for_others(world):
+    """α, the Δ and the base each change the result; the same request again changes nothing."""
+    from recycler.service.transfer import TransferRequest, run_transfer
+
+    releases, settings, publish, spec = world
+    publish("v1", "v2")
+    svc = services(settings, {**SECOND, ("v1", "backport"): 0.5, ("v2", "backport"): 0.55})
+    first = run_cycle("v1", str(releases), spec(), services=svc)
+    run_cycle("v2", str(releases), spec(), services=svc)
+
+    def backport(diff: str, target: str, alpha: float) -> str:
+        request = TransferRequest.of(spec(), alpha=alpha)
+        out = run_transfer("backport", diff, target, request, services=svc)
+        return svc.registry.resolve(out["registered"]).digest
+
+    a = backport("fam-inst-diff@next-diff", "v1", 1.0)
+    assert backport("fam-inst-diff@next-diff", "v1", 1.0) == a  # the same request: the same version
+    results = {
+        "alpha": backport("fam-inst-diff@next-diff", "v1", 0.5),
+        "delta": backport(first.registered["diff"], "v1", 1.0),
+        "base": backport("fam-inst-diff@next-diff", "v2", 1.0),
+    }
+    assert len({a, *results.values()}) == 4, results  # every input changed the weights
+    merged = svc.registry.versions("merged", "fam", "inst")
+    assert len(merged) == 1 + 4  # v2's cycle start, then one per distinct backport
+    assert {v.tags.get("transfer") for v in merged[1:]} == {"backport"}
+    with pytest.raises(Exception, match="needs the family's spec"):
+        TransferRequest.of(None, family="fam")
+
+
+def test_the_same_backport_from_two_homes_is_one_artifact_and_one_version(world, tmp_path):
+    """Two workers with different RECYCLER_HOMEs (different mounts) sharing a store and a registry:
+    content addresses depend on content only, so identical weights get one address, one version."""
+    from recycler.service.transfer import TransferRequest, run_transfer
+
+    releases, settings, publish, spec = world
+    publish("v1", "v2")
+    svc = services(settings, SECOND)
+    run_cycle("v1", str(releases), spec(), services=svc)
+    run_cycle("v2", str(releases), spec(), services=svc)
+    other_home = Settings(
+        home=tmp_path / "elsewhere",
+        tracking_uri=settings.tracking_uri,
+        artifact_store=settings.artifact_store,
+    )
+    other = Services(other_home, svc.store, svc.registry, svc.trainer, svc.scorer)
+    outs = [
+        run_transfer("backport", "fam-inst-diff@next-diff", "v1", TransferRequest.of(spec()), services=s)
+        for s in (svc, other)
+    ]
+    assert outs[0]["registered"] == outs[1]["registered"]
+    assert len([v for v in svc.registry.versions("merged", "fam", "inst") if v.tags.get("transfer")]) == 1
+    assert len(svc.store.list("model")) == len(
+        {v.digest for k in ("ft", "merged") for v in svc.registry.versions(k, "fam", "inst")}
+    )
+
+
+def test_cli_cycle_for_a_missing_release_answers_in_one_line_and_writes_nothing(world, tmp_path):
+    """Before: a 40-line traceback after a Prefect server start, and a new MLflow database."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    releases, settings, publish, spec = world
+    publish("v1", "v2")
+    spec_file = tmp_path / "family.yaml"
+    spec_file.write_text(yaml.safe_dump(spec().model_dump(mode="json")))
+    env = {**os.environ, "RECYCLER_HOME": str(settings.home), "PREFECT_HOME": str(tmp_path / "prefect")}
+    done = subprocess.run(
+        [sys.executable, "-m", "recycler.cli", "cycle", "v9", str(releases), "--spec", str(spec_file)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 8, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: no release 'v9' of family 'fam' in the release source (it has: v1, v2)"
+    ]
+    assert not (settings.home / "mlflow.db").exists() and not (tmp_path / "prefect").exists()

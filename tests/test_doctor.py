@@ -218,26 +218,34 @@ def test_expired_lease_is_reported_and_deleted_by_fix(local):
     assert check_locks(reg).status == "ok"
 
 
-def test_leftover_temporaries_are_reported_and_old_ones_removed(tmp_path):
+def test_leftover_temporaries_are_reported_and_stale_ones_removed(tmp_path):
+    """A temporary whose writer holds its lock is in progress; one without a live writer is stale at
+    once; other temporary names (a manifest being written) only once older than the threshold."""
+    from filelock import FileLock
+
     store = LocalStore(tmp_path / "store")
-    old_dir = store.root / "model" / f".{'a' * 64}{TMP_MARK}dead"
-    young_dir = store.root / "diff" / f".{'b' * 64}{TMP_MARK}live"
+    work = tmp_path / "home" / "work" / "fam" / "inst" / "v1"
+    dead = work / f".merged{TMP_MARK}0123456789ab"  # a killed apply: no writer holds its lock
+    live = store.root / "diff" / f".{'b' * 64}{TMP_MARK}abcdef012345"
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"x" * 1000)
     old_file = store.root / "model" / f".manifest.json{TMP_MARK}123"
-    old_dir.mkdir(parents=True)
-    (old_dir / "model.safetensors").write_bytes(b"x")
-    young_dir.mkdir(parents=True)
-    old_file.write_text("{}")
     young_file = store.root / "diff" / f".manifest.json{TMP_MARK}456"
+    old_file.parent.mkdir(parents=True)
+    old_file.write_text("{}")
     young_file.write_text("{}")
-    two_hours_ago = time.time() - 7200
-    for p in (old_dir, old_file):
-        os.utime(p, (two_hours_ago, two_hours_ago))
-    found = check_temporaries(store, timedelta(hours=1))
-    assert found.status == "warn" and found.fixable and len(found.items) == 4
-    fixed = check_temporaries(store, timedelta(hours=1), fix=True)
-    assert fixed.fixed and "removed 2" in fixed.detail
-    assert not old_dir.exists() and not old_file.exists() and young_dir.exists() and young_file.exists()
-    assert fixed.status == "warn"  # the young ones may be a publish in progress
+    os.utime(old_file, (time.time() - 7200, time.time() - 7200))
+    roots = [tmp_path / "home" / "work", store.root]
+    with FileLock(live.parent / f"{live.name}.lock"):  # the live writer
+        found = check_temporaries(roots, timedelta(hours=1))
+        assert found.status == "warn" and found.fixable and len(found.items) == 2, found
+        fixed = check_temporaries(roots, timedelta(hours=1), fix=True)
+        assert fixed.fixed and "removed 2" in fixed.detail and "2 in progress left alone" in fixed.detail
+        assert not dead.exists() and not old_file.exists() and live.exists() and young_file.exists()
+    assert check_temporaries(roots, timedelta(hours=1)).items == [
+        f"{live} ({0:.1f} h old)"
+    ]  # its writer is gone now
     (store.root / "model" / ("c" * 64)).mkdir()  # files of a publish that died before its manifest
     partial = check_partial_publishes(store)
     assert partial.status == "warn" and partial.items == [str(store.root / "model" / ("c" * 64))]

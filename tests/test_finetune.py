@@ -132,7 +132,10 @@ def test_config_defaults_yaml_and_collected_errors(tmp_path: Path) -> None:
     path.write_text("# paper settings, more steps\nmax_steps: 12\nmicro_batch_size: 2\n")
     assert FinetuneConfig.from_yaml(path).max_steps == 12
     path.write_text("learning_rate: -1\nbatch_sise: 8\n")
-    with pytest.raises(InvalidConfig, match=r"learning_rate: .*greater than 0.*batch_sise: Extra inputs"):
+    with pytest.raises(
+        InvalidConfig,
+        match=r"unknown field 'batch_sise' \(did you mean batch_size.*learning_rate: .*greater than 0",
+    ):
         FinetuneConfig.from_yaml(path)
     with pytest.raises(InvalidConfig, match="max_steps"):
         cfg.updated(max_steps=0)

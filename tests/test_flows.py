@@ -54,9 +54,8 @@ def releases(tmp_path) -> Path:
 
 
 def make_spec(family, **kw) -> CycleSpec:
-    ft = family.finetune_config.updated(max_steps=30, eval_every=10, save_every=10)
-    base = dict(family="toy", variant="arith", train=family.train, eval_task=family.test, finetune=ft)
-    return CycleSpec(**{**base, "max_relative_norm": 5.0, "eval_limit": 100, "gate_margin": -1.0, **kw})
+    finetune = {"max_steps": 30, "eval_every": 10, "save_every": 10}
+    return family.cycle_spec(finetune=finetune, evaluation={"limit": 100}, gate_margin=-1.0, **kw)
 
 
 def publish(family, releases: Path, version: str) -> None:
@@ -142,7 +141,7 @@ def test_first_cycle_then_iterative_cycle_then_backport(fast_family, home, relea
     assert len(versions("base", None)) == 2
     assert len(cycle_runs()) == 2
 
-    back = backport("toy-arith-diff@next-diff", "v1", "toy", str(fast_family.test), variant="arith")
+    back = backport("toy-arith-diff@next-diff", "v1", spec=spec)
     bv = registry().resolve(back["registered"])
     assert bv.kind == "merged" and bv.tags["transfer"] == "backport"
     assert bv.tags["parent_diff"] == d2.reference and bv.tags["base_version"] == "v1"
@@ -241,29 +240,3 @@ def test_flow_process_killed_mid_registration_then_rerun(
     assert registry().get("toy-arith-diff", "next-diff").reference == rerun["registered"]["diff"]
     assert release_cycle("v2", str(releases), spec)["status"] == "already-complete"
     c8.ok(check_invariants(_store(), registry()))
-
-
-def test_spec_file_resolves_relative_paths_and_reports_errors(tmp_path):
-    from recycler.errors import RecyclerError
-    from recycler.service.spec import load_spec
-
-    (tmp_path / "data").mkdir()
-    good = tmp_path / "family.yaml"
-    good.write_text(
-        "family: llama-3\ntrain: data/train.jsonl\neval_task: /abs/test.jsonl\nfinetune: {max_steps: 5}\n"
-    )
-    spec = load_spec(good)
-    assert spec.train == (tmp_path / "data" / "train.jsonl").resolve() and spec.eval_task == Path(
-        "/abs/test.jsonl"
-    )
-    assert spec.finetune.max_steps == 5 and spec.finetune.learning_rate == 5e-6  # the paper's default kept
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("family: llama-3\ntrain: t.jsonl\neval_task: e.jsonl\nfinetune: {learning_rat: 1}\n")
-    with pytest.raises(RecyclerError, match="learning_rat"):
-        load_spec(bad)
-    bad.write_text("family: [unclosed\n")
-    with pytest.raises(RecyclerError, match="not valid YAML"):
-        load_spec(bad)
-    bad.write_text("family: llama-3\ntrain: t.jsonl\neval_task: e.jsonl\nmode: direct\n")
-    with pytest.raises(RecyclerError, match="needs baseline"):
-        load_spec(bad)

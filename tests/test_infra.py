@@ -250,7 +250,22 @@ def test_deployments_and_kubernetes_workers() -> None:
     assert sorted((d["name"], d["work_pool"]["name"]) for d in deployments) == [
         ("gpu", "a100"), ("manual", "cpu"), ("manual", "cpu"), ("watcher", "cpu"),
     ]  # fmt: skip
-    assert all(d["entrypoint"].startswith(("flows/release.py:", "flows/transfer.py:")) for d in deployments)
+    import importlib
+
+    from prefect import Flow
+
+    from recycler.service.spec import CycleSpec
+
+    for d in deployments:  # module entry points of the installed package, each a flow
+        module, _, name = d["entrypoint"].partition(":")
+        assert isinstance(getattr(importlib.import_module(module), name), Flow), d["entrypoint"]
+        if "spec" in d.get("parameters", {}):  # the shared family spec is a valid CycleSpec
+            CycleSpec.model_validate(d["parameters"]["spec"])
+    prefect_file = yaml.safe_load((INFRA / "prefect.yaml").read_text())
+    assert prefect_file["pull"] == []  # no working directory: workers load flows from their environment
+    import prefect
+
+    assert prefect_file["prefect-version"] == prefect.__version__  # verified on what gets installed
     watcher = next(d for d in deployments if d["name"] == "watcher")
     assert watcher["schedules"][0]["interval"] > 0
     docs = list(yaml.safe_load_all((INFRA / "k8s" / "workers.yaml").read_text()))

@@ -596,6 +596,46 @@ def test_c4_crash_during_apply_then_rerun_is_byte_identical(models, delta, tmp_p
     d.ok()
 
 
+@pytest.mark.parametrize("op", ["apply", "diff", "recycle"])
+def test_killed_writers_temporaries_are_reclaimed(op, models, delta, tmp_path):
+    """A SIGKILLed apply/diff/recycle leaves its `.<out>.tmp-<id>` sibling (up to a model's size): the
+    next write to the same destination removes it, and `recycler doctor --fix` removes any in the
+    workspace; a temporary whose writer still runs is left alone."""
+    from recycler.doctor.storage import check_temporaries
+    from recycler.io.atomic import temporaries
+
+    calls = {
+        "apply": f"apply_diff({str(models['base'])!r}, {str(delta)!r}, OUT, max_shard_bytes=40_000)",
+        "diff": f"diff_checkpoints({str(models['base'])!r}, {str(models['tuned'])!r}, OUT, max_shard_bytes=40_000)",
+        "recycle": f"recycle({str(models['base'])!r}, {str(models['tuned'])!r}, {str(models['target'])!r}, OUT, max_shard_bytes=40_000)",
+    }
+    work = tmp_path / "home" / "work"
+    out = work / "fam" / "inst" / "v1" / "out"
+    code = f"""
+        from pathlib import Path
+        from recycler.stages.apply import apply_diff, recycle
+        from recycler.stages.extract import diff_checkpoints
+        OUT = Path({str(out)!r})
+        {calls[op]}
+    """
+    run_killed(code, "write:shard-closed=1")
+    (first,) = temporaries(out.parent)
+    assert sum(f.stat().st_size for f in first.rglob("*")) > 0 and not out.exists()
+    run_killed(code, "write:shard-closed=1")  # crashes do not pile up: the second reclaimed the first's
+    (second,) = temporaries(out.parent)
+    assert second != first and not first.exists()
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]  # the next write to the same destination reclaims it
+    assert out.is_dir() and temporaries(out.parent) == []
+    out_again = out.with_name("again")
+    run_killed(code.replace(repr(str(out)), repr(str(out_again))), "write:shard-closed=1")
+    assert len(temporaries(out_again.parent)) == 1
+    fixed = check_temporaries([work], timedelta(hours=1), fix=True)
+    assert fixed.fixed and "removed 1" in fixed.detail and temporaries(out_again.parent) == []
+
+
 def test_c7_crash_after_create_model_version_then_rerun(mlflow_server, s3store, tmp_path):
     c = case("C7 killed during registration", "fault")
     ref = s3store.publish(make_artifact(tmp_path / "src", seed=13), "diff")

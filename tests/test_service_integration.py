@@ -1,18 +1,22 @@
-"""The service as deployed: `prefect server start`, a `process` worker, deployments from infra/prefect.yaml,
-`mlflow server` (SQLite) with artifacts in S3 (moto over HTTP), all on 127.0.0.1.
+"""The service as an operator deploys it (infra/README.md): `prefect server start`, `recycler deploy`
+with infra/prefect.yaml, `process` workers for the cpu and a100 pools started outside the checkout,
+`mlflow server` (SQLite) with artifacts in S3 (moto over HTTP), `recycler serve`, all on 127.0.0.1.
 
-1. The first release cycle runs in this process against the servers (weights go to S3, versions to the
+1. `recycler deploy` on a fresh server creates the work pools the file names, then the deployments.
+2. The first release cycle runs in this process against the servers (weights go to S3, versions to the
    MLflow server).
-2. The watcher, in `deployment` mode, starts `release-cycle/gpu` for v2 through `run_deployment` with the
-   release's idempotency key; the worker runs it; a second dispatch of the same release returns the same
-   flow run (two watchers, one cycle).
-3. `prefect deployment run backport/manual --param …` backports the newest Δ onto v1; the worker runs it
-   and the merged model appears in the registry with its lineage, its weights verified in S3.
+3. The watcher, in `deployment` mode, starts `release-cycle/gpu` for v2 through `run_deployment` with the
+   release's idempotency key; the a100-pool worker runs it; a second dispatch of the same release
+   returns the same flow run (two watchers, one cycle).
+4. `prefect deployment run backport/manual` with only the Δ and the target: the family's spec is the
+   deployment's default. `recycler serve` runs beside, under its own deployment names (backport/served,
+   here with α = 0.5), and the worker's deployments keep working.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -74,17 +78,55 @@ def prefect_cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
     return done.stdout
 
 
-def deployment_file(dest: Path) -> Path:
-    """infra/prefect.yaml as production has it, but code from this checkout and every pool `cpu`
-    (this machine has no A100 pool: the release cycle runs its fine-tune on the CPU)."""
-    spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
-    spec["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
-    keep = {"release_cycle", "backport"}
-    spec["deployments"] = [d for d in spec["deployments"] if d["entrypoint"].rsplit(":", 1)[1] in keep]
-    for d in spec["deployments"]:
-        d["work_pool"] = {"name": "cpu"}
-    dest.write_text(yaml.safe_dump(spec))
+def deployment_file(dest: Path, spec, source: Path) -> Path:
+    """infra/prefect.yaml as shipped (module entry points, no pull step, pools cpu and a100), with the
+    toy family's spec and release folder as the deployments' parameters."""
+    doc = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
+    for d in doc["deployments"]:
+        if "spec" in d.get("parameters", {}):
+            d["parameters"]["spec"] = spec.model_dump(mode="json")
+        if "source" in d.get("parameters", {}):
+            d["parameters"]["source"] = str(source)
+        d.pop("schedules", None)  # the watcher is started by hand here
+        d["work_pool"].pop("job_variables", None)  # gpu_count is a kubernetes template variable
+    dest.write_text(yaml.safe_dump(doc))
     return dest
+
+
+def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            cmd, env=env, cwd=log.parent, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGINT)  # workers and served processes ignore SIGTERM for a long time
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_deployment_cli(env: dict, name: str, *params: str) -> str:
+    args = [arg for p in params for arg in ("--param", p)]
+    out = prefect_cli(env, "deployment", "run", name, *args)
+    return out.split("UUID:", 1)[1].split()[0]
+
+
+def wait_deployment(name: str, timeout: float = 120) -> None:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            try:
+                client.read_deployment_by_name(name)
+                return
+            except Exception:
+                time.sleep(1)
+    raise TimeoutError(f"deployment {name} did not appear in {timeout} s")
 
 
 def wait_flow_run(flow_run_id: str, timeout: float = 600) -> str:
@@ -100,13 +142,15 @@ def wait_flow_run(flow_run_id: str, timeout: float = 600) -> str:
     raise TimeoutError(f"flow run {flow_run_id} did not finish in {timeout} s")
 
 
-def test_release_cycles_and_backport_through_deployments_and_worker(
+def test_release_cycles_and_backports_through_deploy_workers_and_serve(
     fast_family, service_env, prefect_server, tmp_path, monkeypatch
 ):
+    """`recycler deploy` on a fresh server (it creates the pools), workers started in a folder that is
+    not the checkout, the watcher dispatching to `release-cycle/gpu`, a manual backport through the
+    worker with the family's spec as the default, and `recycler serve` beside it under its own names."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from recycler_flows.release import dispatch_cycle, release_cycle, watch_releases
 
-    from recycler.service.spec import CycleSpec
     from recycler.store.releases import LocalFolderSource
 
     for key, value in service_env.items():
@@ -118,28 +162,35 @@ def test_release_cycles_and_backport_through_deployments_and_worker(
         (releases / v).mkdir(parents=True)
         for f in fast_family.versions[v].iterdir():
             os.link(f, releases / v / f.name)
-    ft = fast_family.finetune_config.updated(max_steps=20, eval_every=10)
-    spec = CycleSpec(
-        family="toy", variant="arith", train=fast_family.train, eval_task=fast_family.test, finetune=ft,
-        max_relative_norm=5.0, eval_limit=50, gate_margin=-1.0,
-    )  # fmt: skip
-
-    prefect_cli(env, "work-pool", "create", "cpu", "--type", "process")
-    prefect_cli(
-        env, "--no-prompt", "deploy", "--all", "--prefect-file", str(deployment_file(tmp_path / "p.yaml"))
+    spec = fast_family.cycle_spec(
+        finetune={"max_steps": 20, "eval_every": 10}, evaluation={"limit": 50}, gate_margin=-1.0
     )
-    worker_log = tmp_path / "worker.log"
-    with open(worker_log, "wb") as out:
-        worker = subprocess.Popen(
-            [*PREFECT, "worker", "start", "--pool", "cpu", "--type", "process", "--limit", "1"],
-            env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    spec_file = tmp_path / "family.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+
+    deploy = subprocess.run(
+        [sys.executable, "-m", "recycler.cli", "deploy", "--prefect-file", str(deployment_file(tmp_path / "p.yaml", spec, releases))],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert deploy.returncode == 0, deploy.stderr
+    assert "work pools created: a100, cpu" in deploy.stdout
+    elsewhere = tmp_path / "workers"  # not the checkout: flows load from the installed package
+    elsewhere.mkdir()
+    workers = [
+        start(
+            [*PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
+            env,
+            elsewhere / f"{pool}.log",
+        )
+        for pool in ("cpu", "a100")
+    ]
+    served = None
     try:
         with temporary_settings({PREFECT_API_URL: prefect_server}):
             first = release_cycle("v1", str(releases), spec)
             assert first["registered"]["ft"] == "toy-arith-ft/1"
 
-            # the watcher hands v2 to the deployment (worker) and waits for it
+            # the watcher hands v2 to the deployment (the a100 worker) and waits for it
             cycles = watch_releases(str(releases), spec, dispatch="deployment")
             assert [c["version"] for c in cycles] == ["v2"] and cycles[0]["state"] == "Completed"
             v2 = next(r for r in LocalFolderSource(releases, "toy").list() if r.version == "v2")
@@ -148,17 +199,27 @@ def test_release_cycles_and_backport_through_deployments_and_worker(
             )  # a second watcher, same release
             assert again["flow_run"] == cycles[0]["flow_run"]
 
-            out = prefect_cli(
-                env, "deployment", "run", "backport/manual",
-                "--param", "diff=toy-arith-diff@next-diff", "--param", "target_version=v1",
-                "--param", "family=toy", "--param", "variant=arith",
-                "--param", f"eval_task={fast_family.test}",
-            )  # fmt: skip
-            run_id = out.split("UUID:", 1)[1].split()[0]
-            assert wait_flow_run(run_id) == "COMPLETED", worker_log.read_text()[-4000:]
+            # a manual backport: only the Δ and the target; the family's spec is the deployment's default
+            run_id = run_deployment_cli(
+                env, "backport/manual", "diff=toy-arith-diff@next-diff", "target_version=v1"
+            )
+            assert wait_flow_run(run_id) == "COMPLETED", (elsewhere / "cpu.log").read_text()[-4000:]
+
+            # `recycler serve` beside the deployments: its own names, so both keep working
+            cmd = [sys.executable, "-m", "recycler.cli", "serve", str(releases), "--spec", str(spec_file)]
+            served = start(cmd, env, tmp_path / "serve.log")
+            wait_deployment("backport/served")
+            run_id = run_deployment_cli(
+                env, "backport/served", "diff=toy-arith-diff@next-diff", "target_version=v1", "alpha=0.5"
+            )
+            assert wait_flow_run(run_id) == "COMPLETED", (tmp_path / "serve.log").read_text()[-4000:]
+            run_id = run_deployment_cli(
+                env, "backport/manual", "diff=toy-arith-diff@next-diff", "target_version=v1"
+            )
+            assert wait_flow_run(run_id) == "COMPLETED", (elsewhere / "cpu.log").read_text()[-4000:]
     finally:
-        os.killpg(worker.pid, 15)
-        worker.wait(timeout=30)
+        for proc in [*workers, *([served] if served else [])]:
+            stop(proc)
 
     settings = Settings()
     reg = Registry.from_settings(settings)
@@ -167,8 +228,10 @@ def test_release_cycles_and_backport_through_deployments_and_worker(
     d2 = reg.get("toy-arith-diff", "next-diff")
     assert d2.tags["base_version"] == "v2" and d2.source.startswith("s3://")
     merged = [v for v in reg.versions("merged", "toy", "arith") if v.tags.get("transfer") == "backport"]
-    assert len(merged) == 1 and merged[0].tags["parent_diff"] == d2.reference
-    assert merged[0].tags["base_version"] == "v1"
+    assert len(merged) == 2  # α = 1 (twice: one version) and α = 0.5 (served): two results
+    assert {v.tags["parent_diff"] for v in merged} == {d2.reference} and {
+        v.tags["base_version"] for v in merged
+    } == {"v1"}
     store = open_store(settings)
-    for v in (ft2[0], d2, merged[0]):
+    for v in (ft2[0], d2, *merged):
         store.verify(v.artifact)  # every byte in S3 matches the manifest the version points at

@@ -130,3 +130,30 @@ def test_example_order_is_a_pure_function_of_seed_and_step() -> None:
     assert stream[:10] != stream[10:]  # each epoch reshuffles
     assert ExampleOrder(10, 4, 3).step_indices(3) == order.step_indices(3)  # resumable without state
     assert ExampleOrder(10, 4, 4).step_indices(0) != order.step_indices(0)
+
+
+def test_a_tokenizer_that_loses_the_text_is_refused_before_training() -> None:
+    """Every response becomes unknown tokens (a tokenizer without digits): training would "converge"
+    to a small loss on nothing. Refused with the numbers; a sane tokenizer passes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from recycler.stages.finetune.data import encode_records
+    from recycler.toy.tiny import SPECIAL_TOKENS
+
+    records = [record([user(f"Q:{a}+{a}?"), assistant(str(2 * a))], line=a + 1) for a in range(10, 40)]
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *"Q:+?"])}  # no digits at all
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(SPECIAL_TOKENS)
+    lossy = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    lossy.chat_template = CHAT_TEMPLATE
+    with pytest.raises(
+        InvalidData,
+        match=r"loses the training text: 30 of 30 .*data.jsonl:11: '20' → 3 response tokens decoding to ''",
+    ):
+        encode_records(lossy, records, max_length=64)
+    assert len(encode_records(char_tokenizer(), records, max_length=64)) == 30

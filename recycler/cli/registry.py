@@ -173,18 +173,28 @@ def registry_ls(
         if family and m["family"] != family:
             continue
         versions = reg.versions(m["kind"], m["family"], m["variant"])
-        rows.append({**m, "versions": [v.version for v in versions]})
+        rows.append(
+            {
+                **m,
+                "versions": [v.version for v in versions],
+                "releases": [v.tags.get("base_version", "?") for v in versions],
+            }
+        )
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table(title=f"registry {reg.uri}")
+    table = Table(title=f"registry {reg.uri}", caption="versions: registry version number (base release)")
     for col in ("family", "model", "kind", "versions", "aliases"):
         table.add_column(col)
     for r in rows:
-        vs = r["versions"]
-        shown = f"{len(vs)} (v{vs[0]}…v{vs[-1]})" if len(vs) > 1 else (f"v{vs[0]}" if vs else "0")
-        aliases = ", ".join(f"{a}→v{v}" for a, v in sorted(r["aliases"].items()))
-        table.add_row(r["family"], r["name"], r["kind"], shown, aliases)
+        pairs = [f"{v} ({rel})" for v, rel in zip(r["versions"], r["releases"], strict=True)]
+        shown = (
+            ", ".join(pairs)
+            if len(pairs) <= 6
+            else f"{', '.join(pairs[:2])} … {', '.join(pairs[-2:])} ({len(pairs)})"
+        )
+        aliases = ", ".join(f"{a} → {r['name']}/{v}" for a, v in sorted(r["aliases"].items()))
+        table.add_row(r["family"], r["name"], r["kind"], shown or "none", aliases)
     out.print(table)
 
 

@@ -86,8 +86,8 @@ def run_doctor(
     if store is not None:
         run("artifacts", lambda: check_artifacts(store, registry, verify=verify, no_registry=no_registry))
         run("partial publishes", lambda: check_partial_publishes(store))
-        if isinstance(store, LocalStore):
-            run("temporary files", lambda: check_temporaries(store, temp_age, fix=fix))
+    roots = [settings.home / "work", *([store.root] if isinstance(store, LocalStore) else [])]
+    run("temporary files", lambda: check_temporaries(roots, temp_age, fix=fix))
     return run.results
 
 

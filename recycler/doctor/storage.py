@@ -4,11 +4,14 @@ uploads, temporary folders or partial publishes left by killed writers."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recycler.doctor.result import CheckResult, Status, first_line, hours, listing
+from recycler.doctor.result import CheckResult, first_line, hours, listing
+from recycler.io.atomic import LOCK_SUFFIX, TMP_MARK, reclaim, temporaries, writer_alive
 from recycler.store import KINDS, ArtifactStore, open_store
 from recycler.store.local import LocalStore
 from recycler.store.s3 import S3Store
@@ -155,30 +158,47 @@ def check_multipart_uploads(store: S3Store, older_than: timedelta, *, fix: bool 
     return CheckResult(name=name, status="warn", detail=detail, fixable=True, items=items)
 
 
-def check_temporaries(store: LocalStore, older_than: timedelta, *, fix: bool = False) -> CheckResult:
-    """Temporary siblings (`.<digest>.tmp-…`, recycler.io.atomic) left in a local store by killed
-    publishes. Only those older than `older_than` are removed: younger ones may be a publish in progress."""
-    name = "temporary files"
-    found = store.temporaries()
-    if not found:
-        return CheckResult(name=name, status="ok", detail=f"none in {store.root}")
-    cutoff = time.time() - older_than.total_seconds()
-    old = [p for p in found if p.lstat().st_mtime <= cutoff]
-    items = [f"{p} ({(time.time() - p.lstat().st_mtime) / 3600:.1f} h old)" for p in found]
-    if fix and old:
-        removed = store.abort_stale_uploads(older_than)  # folders, the store's own cleanup
-        for p in old:
-            if p.is_file() or p.is_symlink():
-                p.unlink(missing_ok=True)
-                removed += 1
-        left = [p for p in found if p.exists() or p.is_symlink()]
-        status: Status = "warn" if left else "ok"
-        detail = f"removed {removed} older than {hours(older_than)}" + (
-            f"; {len(left)} recent left (a publish in progress?)" if left else ""
-        )
-        return CheckResult(name=name, status=status, detail=detail, fixable=True, fixed=True, items=items)
-    detail = f"{len(found)} leftover(s), {len(old)} older than {hours(older_than)} (--fix removes those): {listing(items)}"
-    return CheckResult(name=name, status="warn", detail=detail, fixable=bool(old), items=items)
+def check_temporaries(roots: list[Path], older_than: timedelta, *, fix: bool = False) -> CheckResult:
+    """Temporaries of atomic writes left by killed writers under `roots` (the local store and the
+    workspace, where apply, diff and fine-tune outputs are built): up to a model's size each.
+
+    A temporary made by an atomic write carries its writer's lock, so it is stale exactly when the lock
+    can be taken (recycler.io.atomic); other leftovers with a temporary name (a manifest being
+    written, a staging copy) count as stale once older than `older_than`. `fix` removes the stale ones.
+    """
+    name, now = "temporary files", time.time()
+    found = [t for root in roots if root.is_dir() for t in temporaries(root, recursive=True)]
+    others = [
+        p
+        for root in roots
+        if root.is_dir()
+        for p in root.rglob(f".*{TMP_MARK}*")
+        if p not in found and not p.name.endswith(LOCK_SUFFIX)
+    ]
+    stale = [t for t in found if not writer_alive(t)] + [
+        p for p in others if p.lstat().st_mtime <= now - older_than.total_seconds()
+    ]
+    live = len(found) + len(others) - len(stale)
+    where = ", ".join(str(r) for r in roots)
+    if not stale:
+        detail = f"none left by killed writers in {where}" + (f" ({live} in progress)" if live else "")
+        return CheckResult(name=name, status="ok", detail=detail)
+    items = [f"{p} ({(now - p.lstat().st_mtime) / 3600:.1f} h old)" for p in stale]
+    size = sum(f.stat().st_size for p in stale for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    if not fix:
+        detail = f"{len(stale)} left by killed writers ({size / 1e6:,.1f} MB; --fix removes them): {listing(items)}"
+        return CheckResult(name=name, status="warn", detail=detail, fixable=True, items=items)
+    for p in stale:
+        if p in found:
+            reclaim(p)
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    detail = f"removed {len(stale)} ({size / 1e6:,.1f} MB)" + (
+        f"; {live} in progress left alone" if live else ""
+    )
+    return CheckResult(name=name, status="ok", detail=detail, fixable=True, fixed=True, items=items)
 
 
 def check_partial_publishes(store: ArtifactStore) -> CheckResult:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 
 from recycler.errors import InvalidConfig
 
@@ -22,3 +24,25 @@ def read_yaml_mapping(path: Path, what: str = "options") -> dict:
     if not isinstance(values, dict):
         raise InvalidConfig(f"{path}: expected a mapping of {what}, found {type(values).__name__}")
     return values
+
+
+def unknown_fields(values: dict, model: type[BaseModel], where: str = "") -> list[str]:
+    """Every key of `values` that `model` does not define, with the valid names, closest first."""
+    problems = []
+    for key, value in values.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            valid = list(model.model_fields)
+            close = difflib.get_close_matches(str(key), valid, n=3, cutoff=0.5)
+            rest = [v for v in valid if v not in close]
+            hint = (
+                f"did you mean {' or '.join(close)}? " if close else ""
+            ) + f"valid: {', '.join(close + rest)}"
+            problems.append(f"unknown field {where}{key!r} ({hint})")
+        elif (
+            isinstance(value, dict)
+            and isinstance(field.annotation, type)
+            and issubclass(field.annotation, BaseModel)
+        ):
+            problems += unknown_fields(value, field.annotation, f"{where}{key}.")
+    return problems

@@ -53,10 +53,10 @@ class LaunchedTrainer:
         from recycler.stages.finetune.launcher import run_finetune
 
         config = dest.parent / f".{dest.name}.finetune.yaml"
-        config.write_text(yaml.safe_dump(spec.finetune.model_dump(mode="json"), sort_keys=True))
+        config.write_text(yaml.safe_dump(spec.finetune_config().model_dump(mode="json"), sort_keys=True))
         args = [str(start), "--data", str(spec.train), "--output", str(dest), "--config", str(config)]
         try:
-            run_finetune([*args, "--eval-data", str(spec.eval_task), "--resume"])
+            run_finetune([*args, "--eval-data", str(spec.evaluation.task), "--resume"])
         except subprocess.CalledProcessError as e:
             raise FinetuneFailed(
                 f"fine-tuning {start} exited with code {e.returncode}; re-run the cycle to resume "
@@ -80,8 +80,11 @@ class TaskScorer:
             extract=evaluation.extract,
             batch_size=evaluation.batch_size,
             max_new_tokens=evaluation.max_new_tokens,
+            normalize=evaluation.normalize,
+            chat=evaluation.chat,
         )
-        return float(task.evaluate(load_causal_lm(model), load_tokenizer(model)).score)
+        tokenizer = load_tokenizer(model, require_chat_template=evaluation.chat)
+        return float(task.evaluate(load_causal_lm(model), tokenizer).score)
 
 
 @dataclass(frozen=True)

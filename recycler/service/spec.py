@@ -1,75 +1,200 @@
-"""A family's release-cycle settings (`CycleSpec`), read from the YAML file an operator writes."""
+"""A family's release-cycle settings (`CycleSpec`), read from the YAML file an operator writes.
+
+Every field is documented (`FIELDS`, the README's table and `recycler init-spec`'s template come from
+it) and every unknown field is refused with the valid names, closest first: a misspelled `gate_margn`
+must not silently leave the gate margin at 0. Evaluation settings live in one place, `evaluation:`,
+with the names `recycler evaluate` uses for its options; the cycle hands them to the fine-tune's
+periodic evaluation too.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
-from recycler.errors import InvalidConfig, RecyclerError
-from recycler.io.config_file import read_yaml_mapping
+from recycler.errors import InvalidConfig
+from recycler.io.config_file import read_yaml_mapping, unknown_fields
 from recycler.stages.finetune.config import FinetuneConfig
 from recycler.store.releases import check_id
 
+# FinetuneConfig options that are evaluation settings: in a spec they belong under `evaluation:`.
+EVAL_IN_FINETUNE = {
+    "eval_limit": "limit",
+    "eval_extract": "extract",
+    "eval_max_new_tokens": "max_new_tokens",
+    "eval_batch_size": "batch_size",
+}
+
 
 class EvalSettings(BaseModel):
-    """How a model is scored on the family's task (the same names as `recycler evaluate`'s options)."""
+    """How a model is scored on the family's task (the names of `recycler evaluate`'s options)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    task: Path
-    limit: int | None = None
-    extract: Literal["number", "text"] = "number"
-    max_new_tokens: int = 256
-    batch_size: int = 8
+    task: Path = Field(
+        description="task JSONL: {prompt|messages, answer} lines (generation) or {…, choices, answer} (multiple choice)"
+    )
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N examples (None: all)")
+    extract: Literal["number", "text"] = Field(
+        "number", description="generation: compare the last number (GSM8K-style) or normalized text"
+    )
+    max_new_tokens: int = Field(256, ge=1, description="generation: longest answer generated")
+    batch_size: int = Field(8, ge=1, description="prompts per forward pass")
+    normalize: Literal["sum", "tokens", "chars"] = Field(
+        "sum", description="multiple choice: log-prob summed, per token or per character"
+    )
+    chat: bool = Field(True, description="wrap prompts in the model's chat template")
 
 
 class CycleSpec(BaseModel):
     """What a family's release cycle needs besides the release itself."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    family: str
-    variant: str = "instruct"
-    mode: Literal["iterative", "direct"] = "iterative"
-    train: Path
-    eval_task: Path
-    finetune: FinetuneConfig = FinetuneConfig()
-    alpha: float = 1.0
-    max_relative_norm: float = 0.5
-    gate_margin: float = 0.0
-    precheck_min_score: float | None = None
-    precheck_sample: Path | None = None
-    baseline: bool = False  # also fine-tune from the plain base: savings report (and Δ^dir in direct mode)
-    pick_best: bool = True  # with a baseline, the better of FT(M_i + Δ) and FT(M_i) is the candidate
-    eval_limit: int | None = None
+    family: str = Field(
+        description="model family, e.g. llama-3-8b (lowercase, digits, . _ -): registry names start with it"
+    )
+    variant: str = Field(
+        "instruct", description="the fine-tuned variant, e.g. instruct or math (one spec per variant)"
+    )
+    train: Path = Field(description="fine-tuning data: JSONL of {messages} or {prompt, response}")
+    evaluation: EvalSettings = Field(
+        description="how every model of a cycle is scored (the gate compares these scores)"
+    )
+    finetune: FinetuneConfig = Field(
+        FinetuneConfig(), description="fine-tuning options (recycler finetune's config; the paper's defaults)"
+    )
+    mode: Literal["iterative", "direct"] = Field(
+        "iterative",
+        description="iterative: Δ^iter = M*_i − M_i (Algorithm 1); direct: Δ^dir = FT(M_i) − M_i, needs baseline",
+    )
+    alpha: float = Field(1.0, description="scale of Δ when applied: M_i + α·Δ")
+    max_relative_norm: float = Field(
+        0.5, gt=0, description="refuse a Δ whose ‖Δ‖/‖base‖ exceeds this (unrelated models)"
+    )
+    gate_margin: float = Field(
+        0.0, description="promote only a fine-tune that beats its base and the champion by this much"
+    )
+    baseline: bool = Field(
+        False, description="also fine-tune from the plain base: the savings report, and Δ^dir in direct mode"
+    )
+    pick_best: bool = Field(
+        True, description="with a baseline: the better of FT(M_i + Δ) and FT(M_i) is the candidate"
+    )
+    precheck_sample: Path | None = Field(
+        None, description="held-out JSONL for the pre-check's loss probe of M_i + α·Δ (None: no pre-check)"
+    )
+    precheck_min_score: float | None = Field(
+        None, description="stop the cycle before fine-tuning when the pre-check scores below this"
+    )
 
-    @property
-    def evaluation(self) -> EvalSettings:
-        ft = self.finetune
-        return EvalSettings(
-            task=self.eval_task,
-            limit=self.eval_limit,
-            extract=ft.eval_extract,
-            max_new_tokens=ft.eval_max_new_tokens,
-            batch_size=ft.eval_batch_size,
-        )
-
-    def model_post_init(self, _: object) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> CycleSpec:
         check_id(self.family)
         check_id(self.variant, "variant")
         if self.mode == "direct" and not self.baseline:
-            raise RecyclerError("mode 'direct' recycles FT(base) − base, so it needs baseline=True")
+            raise ValueError("mode 'direct' recycles FT(base) − base, so it needs baseline: true")
+        if self.precheck_min_score is not None and self.precheck_sample is None:
+            raise ValueError("precheck_min_score needs precheck_sample (the pre-check's held-out data)")
+        if misplaced := sorted(EVAL_IN_FINETUNE.keys() & self.finetune.model_fields_set):
+            names = ", ".join(f"finetune.{k} → evaluation.{EVAL_IN_FINETUNE[k]}" for k in misplaced)
+            raise ValueError(f"evaluation settings go under `evaluation:` ({names})")
+        return self
+
+    @field_serializer("finetune")
+    def _finetune_without_evaluation(self, finetune: FinetuneConfig) -> dict:
+        """A dumped spec loads back: its evaluation settings appear once, under `evaluation`."""
+        return finetune.model_dump(mode="json", exclude=set(EVAL_IN_FINETUNE))
+
+    def finetune_config(self) -> FinetuneConfig:
+        """The fine-tune's options, its periodic evaluation scored like the cycle's."""
+        e = self.evaluation
+        return self.finetune.updated(
+            eval_limit=e.limit,
+            eval_extract=e.extract,
+            eval_max_new_tokens=e.max_new_tokens,
+            eval_batch_size=e.batch_size,
+        )
+
+
+def build_spec(values: dict[str, Any], source: str = "spec") -> CycleSpec:
+    """Validate `values` as a CycleSpec, reporting every problem at once (unknown fields first)."""
+    problems = unknown_fields(values, CycleSpec)
+    spec = None
+    try:
+        spec = CycleSpec.model_validate(values)
+    except ValidationError as e:
+        problems += [
+            f"{'.'.join(map(str, err['loc'])) or '<spec>'}: {err['msg']}"
+            for err in e.errors()
+            if err["type"] != "extra_forbidden"
+        ]
+    if problems or spec is None:
+        raise InvalidConfig(f"{source}: " + "; ".join(problems))
+    return spec
 
 
 def load_spec(path: Path) -> CycleSpec:
     """A CycleSpec from YAML; relative data paths are taken relative to the YAML file."""
     values = read_yaml_mapping(path, "CycleSpec fields")
-    for key in ("train", "eval_task", "precheck_sample"):
-        if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
-            values[key] = str((Path(path).parent / values[key]).resolve())
-    try:
-        return CycleSpec.model_validate(values)
-    except ValidationError as e:
-        raise InvalidConfig(f"{path}: {e}") from None
+    here = Path(path).parent
+
+    def absolute(p: object) -> object:
+        return str((here / p).resolve()) if isinstance(p, str) and not Path(p).is_absolute() else p
+
+    for key in ("train", "precheck_sample"):
+        if key in values:
+            values[key] = absolute(values[key])
+    if isinstance(values.get("evaluation"), dict) and "task" in values["evaluation"]:
+        values["evaluation"] = {**values["evaluation"], "task": absolute(values["evaluation"]["task"])}
+    return build_spec(values, str(path))
+
+
+EXAMPLE = {"family": "llama-3-8b", "train": "data/instruct-train.jsonl", "task": "data/heldout.jsonl"}
+
+
+def _yaml_value(value: object) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _describe(
+    model: type[BaseModel], indent: str, example: dict[str, object], skip: set[str] = frozenset()
+) -> list[str]:
+    lines = []
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            inner = {"task": example["task"]} if name == "evaluation" else {}
+            body = _describe(
+                field.annotation, indent + "  ", inner, set(EVAL_IN_FINETUNE) if name == "finetune" else set()
+            )
+            header = (
+                f"{indent}{name}:" if inner else f"{indent}# {name}:"
+            )  # a block of comments only stays a comment
+            lines += [f"{indent}# {field.description}", header, *body]
+            continue
+        required = field.is_required()
+        value = example.get(name) if required else field.default
+        doc = field.description or ""
+        marker = "" if required or name in example else "# "
+        lines.append(
+            f"{indent}{marker}{name}: {_yaml_value(value)}"
+            + (f"    # {doc}" if doc else "")
+            + ("  (required)" if required else "")
+        )
+    return lines
+
+
+def spec_template() -> str:
+    """A commented CycleSpec: required fields with example values, every other field at its default,
+    commented out. It loads as is (tests/test_spec.py), and `recycler init-spec` writes it."""
+    head = [
+        "# recycler family spec: the release-cycle settings of one fine-tuned variant of a model family.",
+        "# Relative paths are relative to this file. Unknown fields are refused. `recycler cycle --help`.",
+    ]
+    return "\n".join([*head, *_describe(CycleSpec, "", EXAMPLE)]) + "\n"

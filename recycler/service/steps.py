@@ -83,21 +83,41 @@ def stage_base(source: ReleaseSource, release: Release, download: Path, dest: Pa
     return dest
 
 
+def _inputs_file(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.inputs.json"
+
+
+def reusable(dest: Path, inputs: dict, *, complete: bool = True) -> bool:
+    """Whether an earlier attempt's `dest` was made from exactly `inputs` (and, with `complete`,
+    verifies). If not, what is there is removed and `inputs` recorded for the attempt about to start:
+    a workspace entry is never reused for other inputs (another α, Δ, base or config)."""
+    marker = _inputs_file(dest)
+    recorded = json.loads(marker.read_text()) if marker.is_file() else None
+    if recorded == inputs and (not complete or is_complete(dest)):
+        return True
+    if recorded != inputs:
+        shutil.rmtree(dest, ignore_errors=True)
+        marker.write_text(json.dumps(inputs, sort_keys=True))
+    return False
+
+
 def apply_step(base: Path, diff: Path, dest: Path, alpha: float) -> Path:
-    """M_i + α·Δ, reused if a verified copy exists."""
+    """M_i + α·Δ, reused only if a verified copy made from the same base, Δ and α exists."""
     from recycler.delta.policy import ApplyPolicy
     from recycler.stages.apply import apply_diff
 
-    if not is_complete(dest):
+    inputs = {"op": "apply", "base": manifest_digest(base), "delta": manifest_digest(diff), "alpha": alpha}
+    if not reusable(dest, inputs):
         apply_diff(base, diff, dest, policy=ApplyPolicy(alpha=alpha), overwrite=True)
     return dest
 
 
 def extract_step(base: Path, tuned: Path, dest: Path, spec: CycleSpec) -> Path:
-    """Δ = tuned − base (exact round trip), reused if a verified copy exists."""
+    """Δ = tuned − base (exact round trip), reused only if made from the same base and fine-tune."""
     from recycler.stages.extract import diff_checkpoints
 
-    if not is_complete(dest):
+    inputs = {"op": "extract", "base": manifest_digest(base), "tuned": manifest_digest(tuned)}
+    if not reusable(dest, inputs | {"max_relative_norm": spec.max_relative_norm}):
         diff_checkpoints(base, tuned, dest, overwrite=True, max_relative_norm=spec.max_relative_norm)
     return dest
 
@@ -105,11 +125,20 @@ def extract_step(base: Path, tuned: Path, dest: Path, spec: CycleSpec) -> Path:
 def finetune_step(svc: Services, start: Path, dest: Path, spec: CycleSpec, *, role: str) -> dict:
     """FT(start) with the services' trainer (resumed after a crash); returns the training record.
 
-    The finished folder gets a manifest so it can be published; its checkpoints are dead weight then.
+    An earlier attempt (finished, or checkpoints to resume) counts only if it trained from the same
+    start, data and options. The finished folder gets a manifest so it can be published; its
+    checkpoints are dead weight then.
     """
+    from recycler.io.manifest import sha256_file
     from recycler.store import ensure_manifest
 
-    if not (dest / FT_RECORD).is_file():
+    inputs = {
+        "op": "finetune",
+        "start": manifest_digest(start),
+        "train": sha256_file(spec.train).sha256,
+        "config": spec.finetune_config().model_dump(mode="json"),
+    }
+    if not reusable(dest, inputs, complete=False) or not (dest / FT_RECORD).is_file():
         svc.trainer.finetune(start, dest, spec)
     ensure_manifest(dest, kind="model", body={"role": role})
     shutil.rmtree(dest / ".checkpoints", ignore_errors=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from recycler.crashpoints import crash_point
 from recycler.errors import ArtifactNotFound, OutputExists, VerificationFailed
-from recycler.io.atomic import TMP_MARK, atomic_folder
+from recycler.io.atomic import atomic_folder, reclaim, temporaries, writer_alive
 from recycler.io.layout import MANIFEST_NAME
 from recycler.io.manifest import (
     HEX64,
@@ -113,15 +113,9 @@ class LocalStore:
         found = sorted(base.iterdir()) if base.is_dir() else []
         return [str(d) for d in found if HEX64.match(d.name) and not (d / MANIFEST_NAME).is_file()]
 
-    def temporaries(self) -> list[Path]:
-        """Temporary siblings (`.<digest>.tmp-…`) of publishes in progress or killed."""
-        return [p for kind in KINDS for p in (self.root / kind).glob(f".*{TMP_MARK}*")]
-
     def abort_stale_uploads(self, older_than: timedelta) -> int:
-        """Remove temporary folders of publishes that died (the local analogue of orphan multipart uploads)."""
-        cutoff, n = time.time() - older_than.total_seconds(), 0
-        for tmp in self.temporaries():
-            if tmp.is_dir() and tmp.stat().st_mtime <= cutoff:
-                shutil.rmtree(tmp, ignore_errors=True)
-                n += 1
-        return n
+        """Remove temporary folders of publishes whose writer is gone and that are older than
+        `older_than` (the local analogue of aborting orphaned multipart uploads)."""
+        cutoff = time.time() - older_than.total_seconds()
+        stale = [t for kind in KINDS for t in temporaries(self.root / kind) if t.stat().st_mtime <= cutoff]
+        return sum(1 for t in stale if not writer_alive(t) and reclaim(t) >= 0)

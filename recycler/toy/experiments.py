@@ -19,11 +19,9 @@ from recycler.stages.finetune.config import FinetuneConfig
 from recycler.stages.finetune.recipe import finetune
 from recycler.stages.model_folder import load_causal_lm, load_tokenizer
 from recycler.stages.precheck import precheck
-from recycler.toy.family import ToyFamily
+from recycler.toy.family import TOY_MAX_RELATIVE_NORM, ToyFamily
 
 Tick = Callable[[str, int, int], None]  # (label, done, total)
-# Toy fine-tunes move small weights far (lr 1e-3): ‖Δ‖/‖base‖ can pass the 0.5 meant for real models.
-TOY_MAX_RELATIVE_NORM = 5.0
 
 
 class SeedExperiments:

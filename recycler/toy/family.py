@@ -14,6 +14,7 @@ from pathlib import Path
 
 from recycler.errors import OutputExists, ToyFamilyError
 from recycler.io.atomic import atomic_folder
+from recycler.service.spec import EVAL_IN_FINETUNE, CycleSpec, build_spec
 from recycler.stages.finetune.config import FinetuneConfig
 from recycler.toy.pretrain import pretrain
 from recycler.toy.world import (
@@ -50,6 +51,33 @@ class ToyFamily:
     test: Path  # task JSONL: {"messages": [user], "answer"} for recycler.stages.evaluate.evaluators
     finetune_config: FinetuneConfig
     config: WorldConfig
+
+    def cycle_spec(
+        self, *, finetune: dict | None = None, evaluation: dict | None = None, **fields: object
+    ) -> CycleSpec:
+        """The family's release-cycle spec (family `toy`, variant `arith`): its data, its fine-tuning
+        budget, its evaluation settings (under `evaluation:`, where a spec keeps them); `finetune`,
+        `evaluation` and the other fields override."""
+        ft = self.finetune_config
+        options = {k: v for k, v in ft.model_dump(mode="json").items() if k not in EVAL_IN_FINETUNE}
+        scoring = {"task": str(self.test), "limit": ft.eval_limit, "extract": ft.eval_extract}
+        scoring |= {"max_new_tokens": ft.eval_max_new_tokens, "batch_size": ft.eval_batch_size}
+        values = {
+            "family": "toy",
+            "variant": "arith",
+            "train": str(self.train),
+            "max_relative_norm": TOY_MAX_RELATIVE_NORM,
+        }
+        values |= {
+            "finetune": options | (finetune or {}),
+            "evaluation": scoring | (evaluation or {}),
+            **fields,
+        }
+        return build_spec(values, source=f"toy family {self.root.name}")
+
+
+# Toy fine-tunes move small weights far (lr 1e-3): ‖Δ‖/‖base‖ can pass the 0.5 meant for real models.
+TOY_MAX_RELATIVE_NORM = 5.0
 
 
 def toy_finetune_config(config: WorldConfig) -> FinetuneConfig:

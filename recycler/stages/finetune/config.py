@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from recycler.errors import InvalidConfig
-from recycler.io.config_file import read_yaml_mapping
+from recycler.io.config_file import read_yaml_mapping, unknown_fields
 
 # Fields that may change between a run and its resumption without changing what is being computed.
 RESUME_NEUTRAL = frozenset(
@@ -30,42 +30,56 @@ RESUME_NEUTRAL = frozenset(
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    learning_rate: float = Field(5e-6, gt=0)
+    learning_rate: float = Field(5e-6, gt=0, description="peak learning rate (AdamW; the paper's 5e-6)")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step, over all processes")
     micro_batch_size: int = Field(4, ge=1, description="examples per forward pass per process")
-    lr_scheduler: Literal["linear", "constant"] = "linear"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "constant"] = Field("linear", description="decay after warmup")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of the steps spent warming up")
     weight_decay: float = Field(0.0, ge=0, description="never applied to embeddings, norms or biases")
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
-    max_grad_norm: float | None = Field(None, gt=0)
-    max_length: int = Field(2048, ge=2)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU, else no
-    dtype: Literal["float32", "bfloat16"] = "float32"  # weights/optimizer dtype; bf16 autocast is separate
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    epochs: float = Field(1.0, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β1")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW β2")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW ε")
+    max_grad_norm: float | None = Field(None, gt=0, description="gradient clipping (None: off)")
+    max_length: int = Field(2048, ge=2, description="tokens per example (longer ones are truncated, counted)")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU, else none"
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="weights and optimizer state (bf16 autocast is separate)"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
+    seed: int = Field(42, description="weights, data order and dropout seed")
+    epochs: float = Field(1.0, gt=0, description="passes over the data (max_steps overrides)")
     max_steps: int | None = Field(None, ge=1, description="overrides epochs")
-    eval_every: int | None = Field(100, ge=1)
-    save_every: int | None = Field(200, ge=1)
+    eval_every: int | None = Field(
+        100, ge=1, description="steps between evaluations on --eval-data (None: only at the end)"
+    )
+    save_every: int | None = Field(200, ge=1, description="steps between resumable checkpoints (None: none)")
     keep_last_checkpoints: int | None = Field(2, ge=1, description="None keeps every checkpoint")
-    keep_checkpoints_in_output: bool = False
-    eval_max_new_tokens: int = Field(256, ge=1)
-    eval_batch_size: int = Field(8, ge=1)
-    eval_limit: int | None = Field(None, ge=1)
-    eval_extract: Literal["number", "text"] = "number"
+    keep_checkpoints_in_output: bool = Field(False, description="publish .checkpoints with the model")
+    eval_max_new_tokens: int = Field(256, ge=1, description="evaluation: longest generated answer")
+    eval_batch_size: int = Field(8, ge=1, description="evaluation: prompts per forward pass")
+    eval_limit: int | None = Field(None, ge=1, description="evaluation: only the first N examples")
+    eval_extract: Literal["number", "text"] = Field(
+        "number", description="evaluation: compare numbers or normalized text"
+    )
 
     @classmethod
     def build(cls, values: dict, *, source: str = "config") -> FinetuneConfig:
         """Validate and report every problem at once, each as `field: what is wrong`."""
+        problems = unknown_fields(values, cls)  # with the valid names, closest first
+        config = None
         try:
-            return cls.model_validate(values)
+            config = cls.model_validate(values)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()
-            )
-            raise InvalidConfig(f"{source}: {problems}") from None
+            problems += [
+                f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}"
+                for e in exc.errors()
+                if e["type"] != "extra_forbidden"
+            ]
+        if problems or config is None:
+            raise InvalidConfig(f"{source}: " + "; ".join(problems))
+        return config
 
     @classmethod
     def from_yaml(cls, path: Path) -> FinetuneConfig:

@@ -120,9 +120,48 @@ def encode_record(tokenizer: PreTrainedTokenizerBase, record: SFTRecord, max_len
 
 
 def encode_records(
-    tokenizer: PreTrainedTokenizerBase, records: Sequence[SFTRecord], max_length: int
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[SFTRecord], max_length: int, *, check: bool = True
 ) -> list[EncodedExample]:
-    return [encode_record(tokenizer, r, max_length) for r in records]
+    """Encode every record; with `check`, first make sure the tokenizer keeps the responses' text."""
+    encoded = [encode_record(tokenizer, r, max_length) for r in records]
+    if check:
+        check_round_trip(tokenizer, records, encoded)
+    return encoded
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def check_round_trip(
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[SFTRecord],
+    encoded: Sequence[EncodedExample],
+    sample: int = 32,
+) -> None:
+    """Refuse to train on nothing: decoding the tokens that carry loss must give back the response.
+
+    A tokenizer that does not fit the data (replaced by a library upgrade, the wrong model's) can turn
+    every response into a few unknown or special tokens; training then "converges" to a tiny loss on
+    nothing and the model learns no answer. A sample of examples is decoded and compared.
+    """
+    step = max(1, len(records) // sample)
+    picked = list(range(0, len(records), step))[:sample]
+    lost = []
+    for i in picked:
+        labels = [t for t in encoded[i].labels if t != IGNORE_INDEX]
+        decoded = tokenizer.decode(labels, skip_special_tokens=True)
+        responses = [m["content"] for m in records[i].messages if m["role"] == "assistant"]
+        if not all(_norm(r) in _norm(decoded) for r in responses) and not encoded[i].truncated:
+            lost.append((records[i], responses[-1], decoded, len(labels)))
+    if len(lost) * 2 > len(picked):  # most of the sample: not an odd example, the tokenizer
+        rec, response, decoded, n = lost[0]
+        raise InvalidData(
+            f"the tokenizer loses the training text: {len(lost)} of {len(picked)} sampled examples do not "
+            f"decode back to their response (e.g. {rec.source}:{rec.line}: {response[:40]!r} → {n} response "
+            f"tokens decoding to {decoded[:40]!r}); check that the model folder's tokenizer and chat "
+            "template belong to this model and data"
+        )
 
 
 def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
