@@ -4,13 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-all demo bench lint clean
+.PHONY: setup test test-fast test-all demo bench lint clean ui-screens
 
 $(STAMP): pyproject.toml
-	# PostgreSQL server binaries for the production-like MLflow backend in the tests (Debian/Ubuntu).
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
-		{ command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null); } || \
-		echo "warning: PostgreSQL server binaries missing and apt-get unavailable: the PostgreSQL tests will be skipped (failed in CI)"
+	# Debian packages: PostgreSQL server binaries (the production-like MLflow backend in the tests) and
+	# Graphviz (the lineage pictures).
+	@{ { ls /usr/lib/postgresql/*/bin/initdb || command -v initdb; } && command -v dot; } >/dev/null 2>&1 || \
+		{ command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql graphviz >/dev/null); } || \
+		echo "warning: PostgreSQL or Graphviz missing and apt-get unavailable: their tests are skipped (failed in CI)"
 	$(PY) -m venv $(VENV)
 	# The CPU wheel of torch first, so nothing pulls a multi-GB CUDA build; the project asks only for torch>=2.6.
 	$(BIN)/pip install --quiet "torch==2.13.0"
@@ -21,8 +22,8 @@ setup: $(STAMP)
 
 # Style, formatting and the import layers (pyproject.toml [tool.importlinter]).
 lint: setup
-	$(BIN)/ruff check recycler tests bench flows
-	$(BIN)/ruff format --check recycler tests bench flows
+	$(BIN)/ruff check recycler tests bench flows docs
+	$(BIN)/ruff format --check recycler tests bench flows docs
 	$(BIN)/lint-imports
 
 # Everything, servers included (MLflow on SQLite and PostgreSQL, moto S3, Prefect): what CI runs.
@@ -35,6 +36,11 @@ test-fast: setup
 
 demo: setup
 	$(BIN)/recycler demo --output out/demo --overwrite
+
+# Screenshots of the MLflow and Prefect UIs after a fast demo (headless Chromium: apt-get install chromium).
+ui-screens: setup
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	$(BIN)/python docs/ui/screens.py --demo out/demo-ui --out docs/ui
 
 bench: setup
 	$(BIN)/python bench/bench_delta.py

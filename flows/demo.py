@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -124,12 +125,45 @@ def main(output: Path, *, fast: bool, versions: tuple[str, ...], overwrite: bool
     out.print(f"timings: {timings} (wall {time.perf_counter() - start:.0f} s)")
     (output / "demo.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     out.print(
-        f"lineage: recycler lineage toy-arith-ft@champion   (with RECYCLER_HOME={output / '.recycler'})"
+        f"lineage: RECYCLER_HOME={shlex.quote(str(output.resolve() / '.recycler'))} recycler lineage toy-arith-ft@champion",
+        soft_wrap=True,
     )
-    out.print(
-        f"MLflow UI: mlflow ui --backend-store-uri {result['tracking_uri']} --port 5000   then open http://127.0.0.1:5000"
-    )
+    command = ui_command(result["tracking_uri"])
+    out.print(f"MLflow UI: {command + '   then open:' if command else ''}", soft_wrap=True)
+    for label, address in ui_links(result).items():
+        out.print(f"  {label:<22} {address}", soft_wrap=True, highlight=False)
     return result
+
+
+def ui_command(tracking_uri: str) -> str | None:
+    """The `mlflow ui` command for a SQLite store, quoted for any shell (zsh globs on `?`); None for a
+    tracking server, which serves its own UI."""
+    from recycler.settings import sqlite_path
+
+    if (db := sqlite_path(tracking_uri)) is None:
+        return None
+    return f"mlflow ui --backend-store-uri {shlex.quote(f'sqlite:///{db}')} --port 5000"
+
+
+def ui_links(result: dict) -> dict[str, str]:
+    """Deep links into the MLflow UI: the champion, its Δ, the newest cycle's run, the backport's run."""
+    from recycler.registry.client import Registry
+    from recycler.registry.links import experiment_path, url, version_path
+    from recycler.registry.runs import experiment_id, run_url
+    from recycler.settings import get_settings
+
+    settings = get_settings()
+    reg, ui = Registry.from_settings(settings), settings.ui_url
+    links = {"runs": url(ui, experiment_path(experiment_id(settings)))}
+    for label, kind, alias in (("champion", "ft", "champion"), ("its Δ (next-diff)", "diff", "next-diff")):
+        if found := reg.get_alias(kind, "toy", "arith", alias):
+            links[label] = url(ui, version_path(found.reference))
+    cycles = [c for c in result["cycles"] if c.get("run_id")]
+    if cycles:
+        links[f"cycle {cycles[-1]['version']} run"] = run_url(cycles[-1]["run_id"], settings)
+    if run_id := result["backport"].get("run_id"):
+        links["backport run"] = run_url(run_id, settings)
+    return links
 
 
 def format_report(result: dict) -> tuple[list[list[str]], list[str]]:

@@ -12,26 +12,50 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from recycler_flows.tasks import prefect_step
+from prefect.runtime import flow_run
+from recycler_flows.tasks import library_logs, prefect_step, summary_artifact
 
 from recycler.service.cycle import run_cycle
 from recycler.service.spec import CycleSpec
+from recycler.service.summary import cycle_note, verdict
 from recycler.service.watch import watch
 from recycler.store.releases import Release
 
 RELEASE_CYCLE_DEPLOYMENT = "release-cycle/gpu"
 
 
-@flow(name="release-cycle", log_prints=True)
+def _family(spec: CycleSpec | dict) -> str:
+    """`family-variant` of a spec parameter (a CycleSpec in-process, a dict from a deployment)."""
+    spec = spec if isinstance(spec, dict) else spec.model_dump()
+    return f"{spec.get('family', '?')}-{spec.get('variant', 'instruct')}"
+
+
+def _cycle_run_name() -> str:
+    p = flow_run.parameters
+    return f"cycle {_family(p.get('spec', {}))}@{p.get('version', '?')}"
+
+
+def _watch_run_name() -> str:
+    return f"watch {_family(flow_run.parameters.get('spec', {}))}"
+
+
+@flow(name="release-cycle", flow_run_name=_cycle_run_name, log_prints=True)
 def release_cycle(version: str, source: str, spec: CycleSpec) -> dict[str, Any]:
     """Algorithm 1 for one new base release: apply the family's Δ^iter, fine-tune, evaluate, gate,
     register the fine-tune and its new Δ with lineage, and move the aliases if it wins."""
-    result = run_cycle(version, source, spec, run=prefect_step)
-    get_run_logger().info("%s %s: %s (%s)", spec.family, version, result.status, result.gate or "no gate")
+    with library_logs():
+        result = run_cycle(version, source, spec, run=prefect_step)
+    if result.status == "already-complete":
+        get_run_logger().info("%s %s: already complete (%s)", spec.family, version, result.registered["ft"])
+    else:
+        title = f"cycle {spec.family}-{spec.variant} {version}"
+        summary_artifact(
+            title, lambda ui: cycle_note(result, ui=ui), result.run_id, f"{title}: {verdict(result)}"
+        )
     return result.model_dump(mode="json")
 
 
-@flow(name="watch-releases", log_prints=True)
+@flow(name="watch-releases", flow_run_name=_watch_run_name, log_prints=True)
 def watch_releases(
     source: str,
     spec: CycleSpec,

@@ -4,10 +4,14 @@ task. Deployments: `backport/manual` and `recycle/manual` (infra/prefect.yaml)."
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import Flow, flow
-from recycler_flows.tasks import prefect_step
+from prefect.runtime import flow_run
+from recycler_flows.tasks import library_logs, prefect_step, summary_artifact
 
 from recycler.service.spec import CycleSpec, EvalSettings
+from recycler.service.summary import transfer_note
 from recycler.service.transfer import How, TransferRequest, run_transfer
 
 DOCS = {
@@ -31,13 +35,21 @@ def transfer_flow(how: How) -> Flow:
         variant: str | None = None,
         evaluation: EvalSettings | None = None,
         alpha: float | None = None,
-    ) -> dict:
+    ) -> dict[str, Any]:
         request = TransferRequest.of(spec, family=family, variant=variant, evaluation=evaluation, alpha=alpha)
-        return run_transfer(how, diff, target_version, request, run=prefect_step)
+        with library_logs():
+            result = run_transfer(how, diff, target_version, request, run=prefect_step)
+        title, note = f"{how} {result.diff} {target_version}", lambda ui: transfer_note(result, ui=ui)
+        summary_artifact(title, note, result.run_id, f"{how} → {result.registered}")
+        return result.model_dump(mode="json")
+
+    def run_name() -> str:
+        p = flow_run.parameters
+        return f"{how} {p.get('diff', '?')} → {p.get('target_version', '?')}"
 
     transfer.__name__ = transfer.__qualname__ = how
     transfer.__doc__ = DOCS[how] + PARAMETERS
-    return flow(name=how, log_prints=True)(transfer)
+    return flow(name=how, flow_run_name=run_name, log_prints=True)(transfer)
 
 
 backport = transfer_flow("backport")

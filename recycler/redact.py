@@ -1,6 +1,7 @@
 """Credentials never reach logs, MLflow params/tags or artifacts (RELIABILITY.md R7).
 
-`install_redaction` replaces the values of SECRET_ENV variables in every log record. It installs a
+`install_redaction` replaces credential values (those of SECRET_ENV and of any variable named like a
+credential, plus anything shaped like a key, token or URL password) in every log record. It installs a
 `logging.Filter` on the root logger and its handlers and, because filters on a logger do not see
 records propagated from child loggers (botocore, urllib3, mlflow), also a log-record factory that
 redacts each record when it is created. `scrub` flattens and cleans params and tags before they are
@@ -15,35 +16,88 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN")
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "PREFECT_API_KEY", "DATABRICKS_TOKEN", "GITHUB_TOKEN",
+    "WANDB_API_KEY", "OPENAI_API_KEY", "AZURE_STORAGE_KEY", "GOOGLE_APPLICATION_CREDENTIALS_JSON",
+)  # fmt: skip
 REDACTED = "***"
-_SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|api[_-]?key", re.IGNORECASE)
 _MAX_PARAM = 6000  # MLflow's limit on a param value
+
+# A key names a secret when its last word is a secret noun (`hf_token`, `db.password`, `clientSecret`),
+# or its last two are (`api_key`, `secret_access_key`). Words, not substrings: `eval_max_new_tokens`,
+# `pad_token_id` and `tokenizer` are ordinary parameters. A `<special>_token` names a tokenizer string.
+_SECRET_LAST = {"secret", "password", "passwd", "pwd", "token", "credential", "credentials", "apikey", "passphrase"}  # fmt: skip
+_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"), ("account", "key"), ("auth", "header")}  # fmt: skip
+_TOKENIZER_WORDS = {
+    "pad",
+    "eos",
+    "bos",
+    "unk",
+    "sep",
+    "cls",
+    "mask",
+    "special",
+    "start",
+    "end",
+    "image",
+    "audio",
+}
+_WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z]|\b|[^A-Za-z]|$)|[A-Z]?[a-z]+|\d+")
+
+# Values that are credentials whatever their key: cloud and hub keys, bearer tokens, JWTs, private keys,
+# and the password in a URL's user info (kept: scheme, user, host).
+_SECRET_VALUE = re.compile(
+    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"  # AWS access key ids
+    r"|\bhf_[A-Za-z0-9]{30,}"  # Hugging Face
+    r"|\b(?:ghp|gho|ghs|ghu|github_pat)_[A-Za-z0-9_]{20,}"  # GitHub
+    r"|\bsk-[A-Za-z0-9_-]{20,}"  # OpenAI-style
+    r"|\bxox[abprs]-[A-Za-z0-9-]{10,}"  # Slack
+    r"|\bdapi[0-9a-f]{32}"  # Databricks
+    r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWT
+    r"|(?i:bearer\s+)[A-Za-z0-9._~+/-]{16,}=*"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
+    re.S,
+)
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:@]+:)[^/\s@]+(?=@)", re.I)
+
+
+def key_is_secret(key: str) -> bool:
+    """Whether a parameter/tag/variable name names a credential (see the rules above)."""
+    words = [w.lower() for part in key.split(".")[-1:] for w in _WORD.findall(part)]
+    if not words:
+        return False
+    if words[-1] == "token":
+        return len(words) == 1 or words[-2] not in _TOKENIZER_WORDS
+    return words[-1] in _SECRET_LAST or tuple(words[-2:]) in _SECRET_PAIRS
 
 
 def secret_values() -> list[str]:
-    """Current values of SECRET_ENV (read each time: tests and credential refreshes change them)."""
+    """Current values of credential variables: SECRET_ENV and any variable whose name is a secret's
+    (read each time: tests and credential refreshes change them). Short values are left out, since
+    replacing `1` or `true` everywhere would only garble text."""
     values = {os.environ.get(k, "") for k in SECRET_ENV}
+    values |= {v for k, v in os.environ.items() if len(v) >= 8 and key_is_secret(k)}
     return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
 
 
 def redact(text: str, secrets: list[str] | None = None) -> str:
+    """`text` without the current credential values and anything shaped like a credential."""
     for s in secret_values() if secrets is None else secrets:
         text = text.replace(s, REDACTED)
-    return text
+    text = _SECRET_VALUE.sub(REDACTED, text)
+    return _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED, text)
 
 
 def redact_record(record: logging.LogRecord) -> None:
     """Rewrite a record in place so that no secret appears in its message, traceback or stack."""
     secrets = secret_values()
-    if not secrets:
-        return
     try:
         message = record.getMessage()
     except Exception:  # a broken format string: leave it to logging's own error handling
         return
-    if any(s in message for s in secrets):
-        record.msg, record.args = redact(message, secrets), None
+    if (cleaned := redact(message, secrets)) != message:
+        record.msg, record.args = cleaned, None
     if record.exc_info and not record.exc_text:
         record.exc_text = logging.Formatter().formatException(record.exc_info)
     if record.exc_text:
@@ -80,7 +134,8 @@ def install_redaction() -> None:
 
 
 def scrub(values: Mapping[str, Any] | None) -> dict[str, str]:
-    """Flatten nested dicts to dotted keys, stringify, and blank anything that looks like a credential."""
+    """Flatten nested dicts to dotted keys, stringify, blank the values of keys that name a credential
+    and remove credentials from the others."""
     out: dict[str, str] = {}
 
     def visit(prefix: str, value: Any) -> None:
@@ -89,7 +144,7 @@ def scrub(values: Mapping[str, Any] | None) -> dict[str, str]:
                 visit(f"{prefix}.{k}" if prefix else str(k), v)
             return
         text = redact(str(value))
-        out[prefix] = REDACTED if _SECRET_KEY.search(prefix) else text[:_MAX_PARAM]
+        out[prefix] = REDACTED if key_is_secret(prefix) else text[:_MAX_PARAM]
 
     visit("", dict(values or {}))
     return out

@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     tracking_uri: str = Field("", description="MLflow tracking URI; default sqlite:///<home>/mlflow.db.")
     registry_uri: str = Field("", description="MLflow registry URI; default: the tracking URI.")
     experiment: str = Field("recycler", description="MLflow experiment for runs logged by recycler.")
+    ui_url: str = Field(
+        "",
+        description="MLflow UI address for the links recycler prints and puts in Prefect artifacts; "
+        "default: the tracking URI when it is http(s), else http://127.0.0.1:5000 (what `mlflow ui` serves).",
+    )
     artifact_store: str = Field(
         "", description="Local folder or s3://bucket/prefix; default <home>/artifacts."
     )
@@ -44,6 +49,9 @@ class Settings(BaseSettings):
             object.__setattr__(self, "tracking_uri", f"sqlite:///{home / 'mlflow.db'}?timeout=60")
         if not self.registry_uri:
             object.__setattr__(self, "registry_uri", self.tracking_uri)
+        if not self.ui_url:
+            remote = self.tracking_uri.startswith(("http://", "https://"))
+            object.__setattr__(self, "ui_url", self.tracking_uri if remote else "http://127.0.0.1:5000")
         if not self.artifact_store:
             object.__setattr__(self, "artifact_store", str(home / "artifacts"))
         return self

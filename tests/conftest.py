@@ -116,3 +116,17 @@ def pytest_terminal_summary(terminalreporter) -> None:
         missing = sorted(set(LEDGER.cases) - LEDGER.confirmed)
         if missing:
             terminalreporter.write_line(f"not confirmed: {', '.join(missing)}")
+
+
+@pytest.fixture(scope="session")
+def tiny_releases(tmp_path_factory) -> dict[str, Path]:
+    """Three close base versions of a tiny Llama (each the previous one, perturbed) and task files."""
+    root = tmp_path_factory.mktemp("tiny-releases")
+    v1 = build_tiny_model(root / "src" / "v1", dtype=torch.float32, seed=11)
+    v2 = perturb_model(v1, root / "src" / "v2", scale=0.05, seed=12)
+    v3 = perturb_model(v2, root / "src" / "v3", scale=0.05, seed=13)
+    sample = root / "sample.jsonl"
+    sample.write_text(
+        "".join(json.dumps({"prompt": f"{a}+{a}?", "response": str(2 * a)}) + "\n" for a in range(8))
+    )
+    return {"v1": v1, "v2": v2, "v3": v3, "sample": sample}

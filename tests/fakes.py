@@ -35,7 +35,7 @@ class FakeTrainer:
     steps: int = 30
     calls: list[tuple[Path, Path]] = field(default_factory=list)
 
-    def finetune(self, start: Path, dest: Path, spec: CycleSpec) -> None:
+    def finetune(self, start: Path, dest: Path, spec: CycleSpec, *, run_id: str | None = None) -> None:
         self.calls.append((Path(start), Path(dest)))
         version, role = _where(dest)
         final = self.scores(version, role)

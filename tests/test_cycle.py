@@ -7,13 +7,11 @@ all run for real; only the fine-tune is a perturbation and the scores come from 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from fakes import FakeScorer, FakeTrainer, table
 
 from recycler.errors import GateRefused
@@ -25,21 +23,6 @@ from recycler.service.spec import CycleSpec
 from recycler.settings import Settings
 from recycler.stages.gate import decide
 from recycler.store.local import LocalStore
-from recycler.toy.tiny import build_tiny_model, perturb_model
-
-
-@pytest.fixture(scope="session")
-def tiny_releases(tmp_path_factory) -> dict[str, Path]:
-    """Three close base versions of a tiny Llama (each the previous one, perturbed) and task files."""
-    root = tmp_path_factory.mktemp("tiny-releases")
-    v1 = build_tiny_model(root / "src" / "v1", dtype=torch.float32, seed=11)
-    v2 = perturb_model(v1, root / "src" / "v2", scale=0.05, seed=12)
-    v3 = perturb_model(v2, root / "src" / "v3", scale=0.05, seed=13)
-    sample = root / "sample.jsonl"
-    sample.write_text(
-        "".join(json.dumps({"prompt": f"{a}+{a}?", "response": str(2 * a)}) + "\n" for a in range(8))
-    )
-    return {"v1": v1, "v2": v2, "v3": v3, "sample": sample}
 
 
 @pytest.fixture
@@ -139,7 +122,7 @@ def test_first_cycle_fine_tunes_the_base_and_registers_ft_and_its_delta(world):
     assert ft.tags["role"] == "ft" and ft.tags["cycle_status"] == "complete" and ft.tags["gate"] == "promoted"
     assert ft.tags["gate_champion_before"] == "none" and "parent_diff" not in ft.tags
     assert diff.tags["source_ft"] == ft.reference and "cycle_parent_diff" not in diff.tags
-    assert aliases(svc, "ft:fam:inst") == {"champion": ft.version, "champion-v1": ft.version}
+    assert aliases(svc, "ft:fam:inst") == {"champion": ft.version, "approved-v1": ft.version}
     assert aliases(svc, "diff:fam:inst") == {"next-diff": diff.version}
     # a finished cycle is a no-op: nothing trained, nothing registered again
     again = run_cycle("v1", str(releases), spec(), services=svc)
@@ -213,7 +196,7 @@ def test_refused_gate_moves_no_alias_but_completes_the_cycle(world):
     assert not out.promoted and "does not beat champion 0.600" in out.gate
     ft = svc.registry.resolve(out.registered["ft"])
     assert ft.tags["gate"].startswith("refused") and ft.tags["cycle_status"] == "complete"
-    assert aliases(svc, "ft:fam:inst") == {"champion": "1", "champion-v1": "1"}
+    assert aliases(svc, "ft:fam:inst") == {"champion": "1", "approved-v1": "1"}
     assert aliases(svc, "diff:fam:inst") == {
         "next-diff": svc.registry.resolve(first.registered["diff"]).version
     }
@@ -294,7 +277,7 @@ def test_backport_result_depends_on_every_input_and_is_never_reused_for_others(w
     def backport(diff: str, target: str, alpha: float) -> str:
         request = TransferRequest.of(spec(), alpha=alpha)
         out = run_transfer("backport", diff, target, request, services=svc)
-        return svc.registry.resolve(out["registered"]).digest
+        return svc.registry.resolve(out.registered).digest
 
     a = backport("fam-inst-diff@next-diff", "v1", 1.0)
     assert backport("fam-inst-diff@next-diff", "v1", 1.0) == a  # the same request: the same version
@@ -331,7 +314,7 @@ def test_the_same_backport_from_two_homes_is_one_artifact_and_one_version(world,
         run_transfer("backport", "fam-inst-diff@next-diff", "v1", TransferRequest.of(spec()), services=s)
         for s in (svc, other)
     ]
-    assert outs[0]["registered"] == outs[1]["registered"]
+    assert outs[0].registered == outs[1].registered
     assert len([v for v in svc.registry.versions("merged", "fam", "inst") if v.tags.get("transfer")]) == 1
     assert len(svc.store.list("model")) == len(
         {v.digest for k in ("ft", "merged") for v in svc.registry.versions(k, "fam", "inst")}

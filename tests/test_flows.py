@@ -101,7 +101,7 @@ def test_first_cycle_then_iterative_cycle_then_backport(fast_family, home, relea
     ft1, d1 = versions("ft")[0], versions("diff")[0]
     assert ft1.tags["cycle_status"] == "complete" and "parent_diff" not in ft1.tags
     assert d1.tags["source_ft"] == ft1.reference and d1.tags["base_version"] == "v1"
-    assert "next-diff" in d1.aliases and {"champion", "champion-v1"} <= set(ft1.aliases)
+    assert "next-diff" in d1.aliases and {"champion", "approved-v1"} <= set(ft1.aliases)
 
     publish(fast_family, releases, "v2")
     second = watch_releases(str(releases), spec)
@@ -131,7 +131,7 @@ def test_first_cycle_then_iterative_cycle_then_backport(fast_family, home, relea
     from mlflow import MlflowClient
 
     for run in cycle_runs():
-        assert {"lineage.png", "lineage.mmd"} <= {
+        assert {"lineage.png", "lineage.md", "comparison.png"} <= {
             a.path for a in MlflowClient().list_artifacts(run.info.run_id)
         }
 
@@ -146,6 +146,34 @@ def test_first_cycle_then_iterative_cycle_then_backport(fast_family, home, relea
     assert bv.kind == "merged" and bv.tags["transfer"] == "backport"
     assert bv.tags["parent_diff"] == d2.reference and bv.tags["base_version"] == "v1"
     assert bv.tags["diff_base_version"] == "v2"
+    check_prefect_ui(back)
+
+
+def check_prefect_ui(back: dict) -> None:
+    """What the Prefect UI shows: runs named from their parameters, tasks named by role, the library's
+    log lines and a Markdown artifact linking the MLflow pages."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        names = {r.name for r in runs}
+        assert {"watch toy-arith", "cycle toy-arith@v1", "cycle toy-arith@v2"} <= names, names
+        run = next(r for r in runs if r.name == "backport toy-arith-diff@next-diff → v1")
+        ids = {"any_": [run.id]}
+        tasks = {t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=ids))}
+        expected = {"fetch base v1", f"fetch diff {back['diff']}", f"apply diff {back['diff']} to base v1",
+                    "evaluate base v1", "evaluate backport", "register backport"}  # fmt: skip
+        assert expected <= tasks, tasks
+        logs = "\n".join(entry.message for entry in client.read_logs(LogFilter(flow_run_id=ids)))
+        assert f"registered {back['registered']}" in logs and "backport (v1): accuracy" in logs
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ids))
+    version = back["registered"].replace("/", "/versions/")
+    assert artifact.type == "markdown" and artifact.key == "backport-toy-arith-diff-2-v1"
+    assert f"{get_settings().ui_url}/#/models/{version}?workflowType=machine_learning" in artifact.data
+    assert "[The MLflow run](" in artifact.data and f"/runs/{back['run_id']}?workflowType" in artifact.data
 
 
 def _flow_subprocess(code: str, api: str, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -21,6 +21,7 @@ from recycler.errors import ArtifactNotFound, RegistryError, RegistryUnavailable
 from recycler.io.manifest import verify_folder, write_manifest
 from recycler.registry.client import Registry
 from recycler.registry.lineage import lineage
+from recycler.registry.lineage_graph import to_mermaid
 from recycler.registry.names import LOCK_PREFIX, Lineage, champion_alias
 from recycler.settings import Settings
 from recycler.store import ensure_manifest, prepare, resolve_uri
@@ -78,7 +79,7 @@ def test_local_store_publish_fetch_verify(tmp_path):
     with pytest.raises(VerificationFailed, match="config.json"):
         store.fetch(ref, tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
-    stale = tmp_path / "store" / "model" / f".{'0' * 64}.tmp-dead"
+    stale = tmp_path / "store" / "model" / f".{'0' * 64}.tmp-{'d' * 12}"
     stale.mkdir()
     assert store.abort_stale_uploads(timedelta(0)) == 1 and not stale.exists()
 
@@ -277,14 +278,14 @@ def test_round_trip_publish_register_alias_lineage(registry, s3store, models, de
         registry.set_alias("ft", fam, var, alias, ft2.version)
 
     assert m2.tags["parent_diff"] == d1.reference  # the alias was resolved to a fixed version
-    assert registry.get_alias("ft", fam, var, "champion-v2").version == ft2.version
-    assert registry.get_alias("ft", fam, var, "champion-v9") is None
+    assert registry.get_alias("ft", fam, var, "approved-v2").version == ft2.version
+    assert registry.get_alias("ft", fam, var, "approved-v9") is None
     assert (
         registry.base_version(fam, "v2").version == base2.version and registry.base_version(fam, "v9") is None
     )
-    assert {v.version: v.aliases for v in registry.versions("ft", fam, var)} == {
-        "1": (),
-        "2": ("champion", "champion-v2"),
+    assert {v.version: set(v.aliases) for v in registry.versions("ft", fam, var)} == {
+        "1": set(),
+        "2": {"champion", "approved-v2"},
     }
     assert fam in registry.families()
     tree = lineage(registry, f"{fam}-{var}-ft", "champion")
@@ -294,7 +295,7 @@ def test_round_trip_publish_register_alias_lineage(registry, s3store, models, de
         f"{base2.name} v{base2.version}",
     ) in labels
     assert ("source_ft", f"{ft1.name} v1") in labels and ("source_merged", f"{m2.name} v1") in labels
-    assert "flowchart TD" in tree.to_mermaid() and "-->|parent_diff|" in tree.to_mermaid()
+    assert "flowchart LR" in to_mermaid(tree) and "-->|parent_diff|" in to_mermaid(tree)
     assert "Δ" in registry.client.get_model_version(d1.name, d1.version).description
 
     store, ref = resolve_uri(
@@ -389,7 +390,8 @@ def test_tracked_run_logs_curve_json_figure_dataset(mlflow_server, tmp_path):
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
 
-    from recycler.registry.runs import log_curve, log_dataset, log_figure, log_json_artifact, tracked_run
+    from recycler.registry.runlog import log_curve, log_dataset, log_figure, log_json_artifact
+    from recycler.registry.runs import tracked_run
 
     settings = Settings(home=tmp_path / "home", tracking_uri=mlflow_server.uri, experiment="t-tracking")
     with tracked_run("off", settings=settings, enabled=False) as run:
@@ -513,11 +515,16 @@ def test_cli_publish_fetch_lineage_ls(mlflow_server, moto_s3, tmp_path, monkeypa
         mmd = tmp_path / "l.mmd"
         r = runner.invoke(app, ["lineage", f"{fam}-x-ft@champion", "--mermaid", str(mmd), "--log"])
         assert r.exit_code == 0, r.output
-        assert f"{fam}-base v1" in r.stdout and "flowchart TD" in mmd.read_text()
+        assert f"{fam}-base v1" in r.stdout and "flowchart LR" in mmd.read_text()
         r = runner.invoke(app, ["lineage", f"{fam}-x-ft", "--json"])
         assert json.loads(r.stdout)["parents"][0]["name"] == f"{fam}-base"
         r = runner.invoke(app, ["registry", "ls", "--family", fam])
-        assert r.exit_code == 0 and f"{fam}-x-ft" in r.stdout and "champion" in r.stdout
+        assert (
+            r.exit_code == 0 and f"{fam}-x-ft" in r.stdout and "champion" in r.stdout and "1 (v1)" in r.stdout
+        )
+        r = runner.invoke(app, ["registry", "ls", "--family", fam, "--json"])
+        ft = next(m for m in json.loads(r.stdout) if m["name"] == f"{fam}-x-ft")
+        assert ft["aliases"] == {"champion": "1"} and ft["releases"] == ["v1"]
     finally:
         get_settings.cache_clear()
 

@@ -100,7 +100,8 @@ def diff(
     """Extract Δ = TUNED − BASE into a verifiable Δ artifact (sharded safetensors + manifest)."""
     from recycler.io.checkpoint import open_checkpoint
     from recycler.io.writer import parse_size
-    from recycler.registry.runs import log_json_artifact, maybe_track
+    from recycler.registry.runlog import log_json_artifact
+    from recycler.registry.runs import maybe_track
     from recycler.stages.extract import diff_checkpoints
 
     total = open_checkpoint(base).nbytes + open_checkpoint(tuned).nbytes
@@ -197,7 +198,8 @@ def _transfer(
     """apply and recycle alike: tracked, with a progress bar over the target's bytes, then the report."""
     from recycler.io.checkpoint import open_checkpoint
     from recycler.io.writer import parse_size
-    from recycler.registry.runs import log_json_artifact, maybe_track
+    from recycler.registry.runlog import log_json_artifact
+    from recycler.registry.runs import maybe_track
 
     with (
         maybe_track(name, {**params, **_policy_params(policy)}, enabled=track),

@@ -98,8 +98,9 @@ def lineage(
     """Show where a registered model version comes from: fine-tunes, Δs and bases, back to the first base."""
     from recycler.registry.client import Registry
     from recycler.registry.lineage import lineage as lineage_of
-    from recycler.registry.lineage_plot import lineage_figure
-    from recycler.registry.runs import log_figure, log_json_artifact, log_text_artifact, tracked_run
+    from recycler.registry.lineage_graph import to_mermaid
+    from recycler.registry.runlog import log_json_artifact, log_lineage
+    from recycler.registry.runs import tracked_run
     from recycler.settings import get_settings
 
     settings = get_settings()
@@ -113,21 +114,23 @@ def lineage(
             raise RegistryError(f"{name}: no versions in the registry at {reg.uri}")
         which = newest.version
     tree = lineage_of(reg, name, which)
-    text = tree.to_mermaid()
     if mermaid:
-        mermaid.write_text(text)
+        mermaid.write_text(to_mermaid(tree))
     if as_json:
         out.print_json(json.dumps(tree.to_dict()))
     else:
         out.print(rich_tree(tree))
     if log:
-        stem = f"lineage/{tree.name}-v{tree.version}"
         with tracked_run(
-            f"lineage {tree.label}", tags={"recycler.command": "lineage"}, settings=settings, enabled=True
+            f"lineage {tree.name}/{tree.version}",
+            tags={"recycler.command": "lineage"},
+            settings=settings,
+            enabled=True,
         ) as run:
-            log_text_artifact(text, f"{stem}.mmd")
-            log_json_artifact(tree.to_dict(), f"{stem}.json")
-            log_figure(lineage_figure(tree), f"{stem}.png")
+            log_json_artifact(tree.to_dict(), "lineage.json")
+            log_lineage(
+                reg, reg.get(tree.name, tree.version or which)
+            )  # lineage.png, lineage.md, lineage.dot
         console.print(f"logged to run {run.info.run_id if run else '?'}")
 
 

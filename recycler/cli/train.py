@@ -134,10 +134,14 @@ def finetune_command(
         bool, typer.Option("--overwrite", help="Replace an existing OUT, discarding its checkpoints.")
     ] = False,
     track: TrackOpt = None,
+    mlflow_run_id: Annotated[
+        str | None, typer.Option("--mlflow-run-id", hidden=True, help="Log into this existing MLflow run.")
+    ] = None,
 ) -> None:
     from transformers.utils import logging as hf_logging
 
-    from recycler.registry.runs import log_dataset, log_training_record, maybe_track
+    from recycler.registry.runlog import log_dataset, log_training_record
+    from recycler.registry.runs import maybe_track
     from recycler.stages.finetune.config import FinetuneConfig
     from recycler.stages.finetune.recipe import finetune
     from recycler.stages.finetune.run import process_state
@@ -149,7 +153,7 @@ def finetune_command(
     is_main = process_state().is_main_process
     params = {"model": model, "data": data, "output": output, **cfg.model_dump()}
     with (
-        maybe_track("finetune", params, enabled=track) if is_main else nullcontext(),
+        maybe_track("finetune", params, enabled=track, run_id=mlflow_run_id) if is_main else nullcontext(),
         TrainingProgress(enabled=is_main) as progress,
     ):
         log_dataset(data, "training")
@@ -222,7 +226,8 @@ def evaluate_command(
     ] = "auto",
     track: TrackOpt = None,
 ) -> None:
-    from recycler.registry.runs import log_evaluation, maybe_track
+    from recycler.registry.runlog import log_evaluation
+    from recycler.registry.runs import maybe_track
 
     params = {"model": model, "task": task, "limit": limit, "extract": extract, "chat": chat}
     with maybe_track("evaluate", params, enabled=track):

@@ -2,5 +2,6 @@
 
 mlflow is imported only inside this package. Modules: `names` (the schema: names, aliases, tags),
 `client` (Registry: registration, reads, retries), `lease` (cross-process registration lease),
-`lineage` (walks, Mermaid, Markdown descriptions), `lineage_plot` (the picture), `runs` (MLflow runs).
+`lineage` (walks), `lineage_graph` (the picture, Mermaid), `describe` (what the UI shows on a version),
+`runs` (opening MLflow runs), `runlog` (logging into them).
 """

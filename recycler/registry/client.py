@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from recycler.crashpoints import crash_point
 from recycler.errors import RegistryError, RegistryUnavailable
+from recycler.registry.describe import describe, refresh_lineage_of, related_of
 from recycler.registry.lease import lease
-from recycler.registry.lineage import describe
 from recycler.registry.names import (
     ALIAS,
     ARTIFACT_KINDS,
@@ -214,16 +214,18 @@ class Registry:
         with lease(self, f"register:{name}:{ref.digest}", ttl=self.lease_ttl, wait=self.lease_wait):
             self._ensure_model(name, kind, family, variant)
             if not self._find(name, ref.digest):
+                description = describe(name, tags, related_of(self, None, tags, lineage.run_id))
                 self.call(
                     self.client.create_model_version,
                     name,
                     source=ref.uri,
                     run_id=lineage.run_id,
                     tags=tags,
-                    description=describe(name, tags),
+                    description=description,
                 )
                 crash_point("register:created")
             winner = self._dedupe(name, ref.digest)
+        refresh_lineage_of(self, tags)  # the versions it names link forward to it
         return self.get(name, winner)
 
     def _dedupe(self, name: str, digest: str) -> str:

@@ -55,31 +55,6 @@ class LineageNode:
             "parents": [c.to_dict() for c in self.children],
         }
 
-    def to_mermaid(self) -> str:
-        """Mermaid flowchart, ancestors above descendants, edges labelled with the relation."""
-        ids: dict[str, str] = {}
-        lines = ["flowchart TD"]
-
-        def node_id(n: LineageNode) -> str:
-            key = n.label
-            if key not in ids:
-                ids[key] = f"n{len(ids)}"
-                extra = f"<br/>{', '.join(n.aliases)}" if n.aliases else ""
-                base = f"<br/>base {n.tags['base_version']}" if n.tags.get("base_version") else ""
-                note = f"<br/>({n.note})" if n.note else ""
-                lines.append(f'    {ids[key]}["{n.label}{base}{extra}{note}"]')
-            return ids[key]
-
-        edges: set[str] = set()
-        for n in self.walk():
-            for c in n.children:
-                edge = f"    {node_id(c)} -->|{c.relation}| {node_id(n)}"
-                if edge not in edges:
-                    edges.add(edge)
-                    lines.append(edge)
-        node_id(self)
-        return "\n".join(lines) + "\n"
-
 
 def lineage(
     registry: Registry, name: str, version_or_alias: str, *, max_depth: int | None = None
@@ -128,22 +103,3 @@ def _node(
             label = f"{model_name('base', v.family)} {release}"
             node.children.append(LineageNode(label, None, "base", "base", note="unregistered"))
     return node
-
-
-def describe(name: str, tags: dict[str, str]) -> str:
-    """Markdown for the version page: what it is and where it comes from."""
-    kind, base = tags["kind"], tags["base_version"]
-    head = {
-        "base": f"Base release `{base}`.",
-        "ft": f"Fine-tune of base `{base}`"
-        + (f", initialised from Δ `{tags['parent_diff']}`." if "parent_diff" in tags else "."),
-        "diff": f"Δ = `{tags.get('source_ft', '?')}` − base `{base}`.",
-        "merged": f"Base `{base}` + Δ `{tags.get('parent_diff', '?')}`.",
-    }[kind]
-    lines = [f"**{name}** — {head}", ""]
-    for key in ("family", "variant", *REF_TAGS, "diff_mode", "run_id"):
-        if key in tags:
-            lines.append(f"- {key}: `{tags[key]}`")
-    lines.append(f"- artifact: `{tags['artifact_uri']}` (manifest sha256 `{tags['manifest_sha256'][:16]}…`)")
-    lines += [f"- {k}: {v}" for k, v in sorted(tags.items()) if k.startswith("eval.")]
-    return "\n".join(lines)

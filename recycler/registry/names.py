@@ -9,7 +9,10 @@ variant `math`):
     {family}-{variant}-merged  base + Δ (a recycled or backported model)
 
 Aliases: `next-diff` on the diff model (the Δ the next cycle applies), `champion` and
-`champion-<base_version>` on the ft model. (`latest` is reserved by MLflow.)
+`approved-<base_version>` (the fine-tune the gate promoted on that release) on the ft model.
+(`latest` is reserved by MLflow.) The per-release alias sorts before `champion`: MLflow's models list
+shows one alias per model, the last of the newest version's in the server's order (alphabetical on
+SQLite), and that one should be `champion`.
 
 `TAGS` documents every tag recycler writes on a version (the README's table is tested against it);
 `Lineage` is the typed form of the tags that say where a version comes from.
@@ -154,9 +157,12 @@ def model_name(kind: str, family: str, variant: str | None = None) -> str:
     return f"{family}-{check_part('variant', variant or '')}-{kind}"
 
 
+APPROVED = "approved"
+
+
 def champion_alias(base_version: str) -> str:
-    """`champion-<base_version>`, lowercased, every character outside [a-z0-9_-] replaced by '-'."""
-    return f"{CHAMPION}-{re.sub(r'[^a-z0-9_-]+', '-', base_version.lower()).strip('-') or 'none'}"[:128]
+    """`approved-<base_version>`, lowercased, every character outside [a-z0-9_-] replaced by '-'."""
+    return f"{APPROVED}-{re.sub(r'[^a-z0-9_-]+', '-', base_version.lower()).strip('-') or 'none'}"[:128]
 
 
 def check_tag(key: str) -> str:

@@ -10,7 +10,9 @@ task (recycler_flows), which is all the orchestration layer adds.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -22,12 +24,14 @@ from recycler.registry.names import CHAMPION, NEXT_DIFF, Lineage, RegisteredVers
 from recycler.service import steps
 from recycler.service.services import Services
 from recycler.service.spec import CycleSpec
+from recycler.service.summary import log_cycle, verdict
 from recycler.service.workspace import Workspace
 from recycler.stages.evaluate.curves import savings
 from recycler.stages.gate import Decision, decide
 from recycler.store.releases import check_version, open_source
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 StepRunner = Callable[..., Any]  # run(label, fn, *args, **kwargs) → fn(*args, **kwargs)
 
 
@@ -67,6 +71,8 @@ def run_cycle(
 ) -> CycleResult:
     """Algorithm 1 for the base release `version` of `source`: apply the family's Δ^iter, fine-tune,
     evaluate, decide, extract the new Δ^iter, register everything with lineage, promote if it wins."""
+    from recycler.registry.runs import keyed_run
+
     check_version(version)  # before any I/O
     svc = services or Services.from_settings()
     # 0. a cycle that finished (recorded in the registry, not in a watcher) is a no-op
@@ -90,73 +96,129 @@ def run_cycle(
     )
     # 2. Δ^iter_{i−1}: the family's next-diff (none on the first cycle)
     prev = run("resolve next-diff", steps.previous_diff, svc.registry, spec, version)
-    from recycler.registry.runs import cycle_run
-
-    params = {"family": spec.family, "variant": spec.variant, "version": version, "release": release.key,
-              "mode": spec.mode if prev else "first", "parent_diff": prev.reference if prev else ""}  # fmt: skip
-    with cycle_run(
-        f"{spec.family}/{spec.variant}/{version}", f"cycle {spec.family} {version}", params
-    ) as run_id:
-        result = _train_decide_register(svc, run, spec, ws, base, prev, run_id)
-    result.registered["base"] = base_v.reference
+    key, name = f"{spec.family}/{spec.variant}/{version}", f"cycle {spec.family}-{spec.variant}@{version}"
+    with keyed_run(key, name, _params(spec, version, release.key, prev), settings=svc.settings) as run_id:
+        c = _Cycle(svc, run, spec, ws, prev, run_id)
+        # 3.–4. pre-check M_i + Δ^iter_{i−1} and make it the start (M_i itself on the first cycle)
+        start, scores, precheck = c.start(base)
+        # 5. M*_i = FT(start); with a baseline also FT(M_i), for the savings report and Δ^dir
+        record, baseline = c.finetune(base, start, scores)
+        # 6. decide: candidate, Δ source, promotion (against the champion before this cycle)
+        champion = run("read champion", steps.champion_before, svc.registry, spec, version)
+        decision = decide(scores, champion, spec, first=prev is None)
+        # 7. Δ_i = M*_i − M_i: what the next release recycles
+        tuned = ws.finetuned(decision.delta_source)
+        delta = run("extract Δ", steps.extract_step, base, tuned, ws.delta, spec, parent_run=run_id)
+        # 8. register the merged start, the fine-tune(s) and Δ_i with lineage; 9. promote if the gate says so
+        registered = run("register cycle", register_cycle, svc, spec, ws, prev, decision, scores, delta, run_id, record, baseline)  # fmt: skip
+        run("promote", promote, svc, spec, version, decision, registered)
+        result = c.result(scores, champion, decision, precheck, record, baseline, registered)
+        result.registered["base"] = base_v.reference
+        run("log cycle", log_cycle, svc, result, record, baseline)
+    _report(result)
     (ws.root / "result.json").write_text(result.model_dump_json(indent=1) + "\n")
     return result
 
 
-def _train_decide_register(
-    svc: Services, run: StepRunner, spec: CycleSpec, ws: Workspace, base: Path, prev: RegisteredVersion | None, run_id: str | None
-) -> CycleResult:  # fmt: skip
-    version, first = ws.version, prev is None
-    scores = {
-        "base": run("evaluate base", steps.evaluate_cached, svc, base, spec.evaluation, ws.evals, name="base")
-    }
-    start, precheck = base, None
-    if prev is not None:
-        diff = run(f"fetch Δ {prev.reference}", steps.fetch_verified, svc.store, prev.artifact, ws.prev_diff)
-        # 3. pre-check: stop before spending GPU hours on a Δ that will not transfer
-        if spec.precheck_sample is not None:
-            precheck = run("pre-check M_i + Δ", steps.precheck_step, base, diff, spec)
-            _stop_if_below(precheck, spec, prev, version)
-        # 4. the recycled start M_i + Δ^iter_{i−1}
-        start = run("apply Δ to base", steps.apply_step, base, diff, ws.merged, spec.alpha)
-        scores["merged"] = run(
-            "evaluate merged", steps.evaluate_cached, svc, start, spec.evaluation, ws.evals, name="merged"
+def _report(result: CycleResult) -> None:
+    """The cycle's outcome in the log (the Prefect flow run's log, the CLI's stderr)."""
+    scores = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.scores.items())
+    log.info("cycle %s %s: accuracy %s", result.family, result.version, scores)
+    champion = "none" if result.champion_before is None else f"{100 * result.champion_before:.1f}%"
+    log.info("gate: %s (%s; champion before: %s)", verdict(result), result.gate, champion)
+    registered = ", ".join(f"{v} ({k})" for k, v in result.registered.items() if v)
+    log.info("registered %s", registered)
+
+
+def _params(spec: CycleSpec, version: str, release: str, prev: RegisteredVersion | None) -> dict:
+    mode = spec.mode if prev else "first"
+    return {"family": spec.family, "variant": spec.variant, "version": version, "release": release, "mode": mode,
+            "parent_diff": prev.reference if prev else "", "alpha": spec.alpha, "gate_margin": spec.gate_margin}  # fmt: skip
+
+
+@dataclass
+class _Cycle:
+    """The parts of one cycle that its steps share (services, runner, workspace, parent Δ, MLflow run)."""
+
+    svc: Services
+    run: StepRunner
+    spec: CycleSpec
+    ws: Workspace
+    prev: RegisteredVersion | None
+    run_id: str | None
+
+    def evaluate(self, label: str, model: Path, name: str) -> float:
+        ev = self.spec.evaluation
+        return self.run(
+            label,
+            steps.evaluate_cached,
+            self.svc,
+            model,
+            ev,
+            self.ws.evals,
+            name=name,
+            parent_run=self.run_id,
         )
-    # 5. M*_i = FT(start); with a baseline also FT(M_i), for the savings report and Δ^dir
-    label = "finetune from base" if first else "finetune from M+Δ"
-    record = run(label, steps.finetune_step, svc, start, ws.ft, spec, role="ft")
-    scores["ft"] = run(
-        "evaluate fine-tune", steps.evaluate_cached, svc, ws.ft, spec.evaluation, ws.evals, name="ft"
-    )
-    baseline = None
-    if spec.baseline and not first:  # on the first cycle FT(M_1) *is* the fine-tune
+
+    def start(self, base: Path) -> tuple[Path, dict[str, float], dict | None]:
+        scores = {"base": self.evaluate("evaluate base", base, "base")}
+        if self.prev is None:
+            return base, scores, None
+        run, spec, ws = self.run, self.spec, self.ws
+        diff = run(
+            f"fetch Δ {self.prev.reference}",
+            steps.fetch_verified,
+            self.svc.store,
+            self.prev.artifact,
+            ws.prev_diff,
+        )
+        precheck = None
+        if spec.precheck_sample is not None:  # stop before spending GPU hours on a Δ that will not transfer
+            precheck = run("pre-check M_i + Δ", steps.precheck_step, base, diff, spec)
+            _stop_if_below(precheck, spec, self.prev, ws.version)
+        name = f"apply Δ {self.prev.reference} to base {ws.version}"
+        start = run(
+            name, steps.apply_step, base, diff, ws.merged, spec.alpha, parent_run=self.run_id, name=name
+        )
+        scores["merged"] = self.evaluate("evaluate merged", start, "merged")
+        return start, scores, precheck
+
+    def finetune(self, base: Path, start: Path, scores: dict[str, float]) -> tuple[dict, dict | None]:
+        run, spec, ws, first = self.run, self.spec, self.ws, self.prev is None
+        label = "finetune from base" if first else "finetune from M+Δ"
+        record = run(
+            label, steps.finetune_step, self.svc, start, ws.ft, spec, role="ft", parent_run=self.run_id
+        )
+        scores["ft"] = self.evaluate("evaluate fine-tune", ws.ft, "ft")
+        if not spec.baseline or first:  # on the first cycle FT(M_1) *is* the fine-tune
+            return record, None
+        label = "finetune from base (baseline)"
         baseline = run(
-            "finetune from base (baseline)",
+            label,
             steps.finetune_step,
-            svc,
+            self.svc,
             base,
             ws.baseline,
             spec,
             role="ft-from-base",
+            parent_run=self.run_id,
         )
-        scores["ft_from_base"] = run("evaluate baseline", steps.evaluate_cached, svc, ws.baseline, spec.evaluation, ws.evals, name="ft-from-base")  # fmt: skip
-    # 6. decide: candidate, Δ source, promotion (against the champion before this cycle)
-    champion = run("read champion", steps.champion_before, svc.registry, spec, version)
-    decision = decide(scores, champion, spec, first=first)
-    # 7. Δ_i = M*_i − M_i: what the next release recycles
-    delta = run("extract Δ", steps.extract_step, base, ws.finetuned(decision.delta_source), ws.delta, spec)
-    # 8. register merged start, fine-tune(s) and Δ with lineage; 9. promote if the gate says so
-    registered = run("register cycle", register_cycle, svc, spec, ws, prev, decision, scores, delta, run_id)
-    run("promote", promote, svc, spec, version, decision, registered)
-    result = CycleResult(
-        family=spec.family, version=version, mode=spec.mode if prev else "first", parent_diff=prev.reference if prev else None,
-        scores=scores, champion_before=champion, promoted=decision.promote, gate=decision.reason, precheck=precheck,
-        candidate="first" if first else ("recycled" if decision.candidate == "ft" else "from-base"),
-        savings=savings(record, baseline) if baseline else {}, steps=record.get("steps"), wall_time_s=record.get("wall_time_s"),
-        registered={k: v.reference if v else None for k, v in registered.items()}, run_id=run_id,
-    )  # fmt: skip
-    run("log cycle", log_cycle, svc, result, record, baseline, registered["diff"])
-    return result
+        scores["ft_from_base"] = self.evaluate("evaluate baseline", ws.baseline, "ft-from-base")
+        return record, baseline
+
+    def result(
+        self, scores, champion, decision: Decision, precheck, record, baseline, registered
+    ) -> CycleResult:  # type: ignore[no-untyped-def]
+        prev = self.prev
+        return CycleResult(
+            family=self.spec.family, version=self.ws.version, mode=self.spec.mode if prev else "first",
+            parent_diff=prev.reference if prev else None, scores=scores, champion_before=champion,
+            promoted=decision.promote, gate=decision.reason, precheck=precheck,
+            candidate="first" if prev is None else ("recycled" if decision.candidate == "ft" else "from-base"),
+            savings=savings(record, baseline) if baseline else {}, steps=record.get("steps"),
+            wall_time_s=record.get("wall_time_s"), run_id=self.run_id,
+            registered={k: v.reference if v else None for k, v in registered.items()},
+        )  # fmt: skip
 
 
 def _stop_if_below(precheck: dict, spec: CycleSpec, prev: RegisteredVersion, version: str) -> None:
@@ -176,29 +238,37 @@ def register_cycle(
     scores: dict[str, float],
     delta: Path,
     run_id: str | None,
+    record: dict,
+    baseline_record: dict | None,
 ) -> dict[str, RegisteredVersion | None]:
-    """Merged start → fine-tune(s) → Δ, each pointing at what it came from; the gate's decision is
-    recorded on the fine-tunes before any alias moves (see steps.champion_before)."""
-    version, parent = ws.version, prev.reference if prev else None
-    gate = {"gate": decision.gate, "gate_champion_before": "none" if decision.champion_before is None else f"{decision.champion_before:.6g}"}  # fmt: skip
+    """Merged start → fine-tune(s) → Δ, each pointing at what it came from (a fine-tune at the run that
+    trained it); the gate's decision is recorded on the fine-tunes before any alias moves (see
+    steps.champion_before), so every later read, and a re-run, sees the same decision."""
+    version, parent, fam, var = ws.version, prev.reference if prev else None, spec.family, spec.variant
+    champ = "none" if decision.champion_before is None else f"{decision.champion_before:.6g}"
+    gate = {"gate": decision.gate, "gate_champion_before": champ}
     register = steps.publish_and_register
     merged = None
     if prev is not None:
-        merged = register(svc, ws.merged, "merged", spec.family, spec.variant, version, lineage=Lineage(parent_diff=parent, run_id=run_id), score=scores["merged"])  # fmt: skip
-    lineage = Lineage(parent_diff=parent, source_merged=merged.reference if merged else None, role="recycled-ft" if prev else "ft", run_id=run_id)  # fmt: skip
-    ft = register(
-        svc, ws.ft, "ft", spec.family, spec.variant, version, lineage=lineage, score=scores["ft"], status=gate
-    )
+        lineage = Lineage(parent_diff=parent, run_id=run_id)
+        merged = register(
+            svc, ws.merged, "merged", fam, var, version, lineage=lineage, score=scores["merged"]
+        )
+    lineage = Lineage(
+        parent_diff=parent, source_merged=merged.reference if merged else None, role="recycled-ft" if prev else "ft",
+        run_id=record.get("mlflow_run_id") or run_id,
+    )  # fmt: skip
+    ft = register(svc, ws.ft, "ft", fam, var, version, lineage=lineage, score=scores["ft"], status=gate)
     crash_point("cycle:registered-ft")
     baseline = None
-    if "ft_from_base" in scores:
-        lineage = Lineage(role="ft-from-base", run_id=run_id)
-        baseline = register(svc, ws.baseline, "ft", spec.family, spec.variant, version, lineage=lineage, score=scores["ft_from_base"], status=gate)  # fmt: skip
+    if baseline_record is not None:
+        lineage = Lineage(role="ft-from-base", run_id=baseline_record.get("mlflow_run_id") or run_id)
+        baseline = register(svc, ws.baseline, "ft", fam, var, version, lineage=lineage, score=scores["ft_from_base"], status=gate)  # fmt: skip
     source = baseline if decision.delta_source == "ft-from-base" else ft
     lineage = Lineage(
         source_ft=source.reference, diff_mode=decision.diff_mode, cycle_parent_diff=parent, run_id=run_id
     )
-    diff = register(svc, delta, "diff", spec.family, spec.variant, version, lineage=lineage)
+    diff = register(svc, delta, "diff", fam, var, version, lineage=lineage)
     crash_point("cycle:registered-diff")
     return {"merged": merged, "ft": ft, "baseline": baseline, "diff": diff}
 
@@ -210,36 +280,14 @@ def promote(
     decision: Decision,
     registered: dict[str, RegisteredVersion | None],
 ) -> None:
-    """Move champion, champion-<version> and next-diff if the gate promoted; then mark the cycle complete
+    """Move approved-<version>, champion and next-diff if the gate promoted; then mark the cycle complete
     (last: a crash before it re-runs only this cheap tail)."""
     reg, fam, var = svc.registry, spec.family, spec.variant
     candidate = registered["baseline"] if decision.candidate == "ft-from-base" else registered["ft"]
     if decision.promote:
-        reg.set_alias("ft", fam, var, CHAMPION, candidate.version)
         reg.set_alias("ft", fam, var, champion_alias(version), candidate.version)
+        reg.set_alias("ft", fam, var, CHAMPION, candidate.version)  # last: newest in the server's order
         crash_point("cycle:aliases-half-moved")
         reg.set_alias("diff", fam, var, NEXT_DIFF, registered["diff"].version)
+        log.info("champion → %s, next-diff → %s", candidate.reference, registered["diff"].reference)
     reg.set_tags(registered["ft"], {"cycle_status": steps.CYCLE_COMPLETE})
-
-
-def log_cycle(
-    svc: Services, result: CycleResult, record: dict, baseline: dict | None, diff: RegisteredVersion
-) -> None:
-    """Scores, savings, curves and the lineage picture into the cycle's MLflow run (if tracking is on)."""
-    from recycler.registry import runs
-
-    if (run_id := result.run_id) is None:
-        return
-    metrics = {f"accuracy_{k}": v for k, v in result.scores.items()}
-    metrics |= {f"precheck_{k}": v for k, v in (result.precheck or {}).items()}
-    metrics |= {f"savings_{k}": v for k, v in result.savings.items()}
-    runs.log_metrics(metrics, run_id=run_id)
-    runs.log_curve("eval_curve_ft", [tuple(p) for p in record.get("curve") or []], run_id=run_id)
-    if baseline:
-        runs.log_curve(
-            "eval_curve_ft_from_base", [tuple(p) for p in baseline.get("curve") or []], run_id=run_id
-        )
-        runs.log_figure(
-            runs.convergence_figure(record, baseline, result.version), "savings.png", run_id=run_id
-        )
-    runs.log_lineage(svc.registry, diff, run_id=run_id)

@@ -27,10 +27,11 @@ FT_RECORD = "training_record.json"
 
 
 class Trainer(Protocol):
-    def finetune(self, start: Path, dest: Path, spec: CycleSpec) -> None:
+    def finetune(self, start: Path, dest: Path, spec: CycleSpec, *, run_id: str | None = None) -> None:
         """FT(start) into the HF folder `dest`, with `training_record.json` (curve, steps, wall time).
 
-        Called again after a crash: must resume (or restart) the interrupted run at `dest`.
+        Called again after a crash: must resume (or restart) the interrupted run at `dest`. `run_id`
+        is the MLflow run to log the training into (the cycle's child run), if tracking is on.
         """
         ...
 
@@ -49,14 +50,16 @@ class LaunchedTrainer:
     checkpoint of an interrupted attempt.
     """
 
-    def finetune(self, start: Path, dest: Path, spec: CycleSpec) -> None:
+    def finetune(self, start: Path, dest: Path, spec: CycleSpec, *, run_id: str | None = None) -> None:
         from recycler.stages.finetune.launcher import run_finetune
 
         config = dest.parent / f".{dest.name}.finetune.yaml"
         config.write_text(yaml.safe_dump(spec.finetune_config().model_dump(mode="json"), sort_keys=True))
         args = [str(start), "--data", str(spec.train), "--output", str(dest), "--config", str(config)]
+        args += ["--eval-data", str(spec.evaluation.task), "--resume"]
+        tracking = ["--track", "--mlflow-run-id", run_id] if run_id else ["--no-track"]
         try:
-            run_finetune([*args, "--eval-data", str(spec.evaluation.task), "--resume"])
+            run_finetune([*args, *tracking])
         except subprocess.CalledProcessError as e:
             raise FinetuneFailed(
                 f"fine-tuning {start} exited with code {e.returncode}; re-run the cycle to resume "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,8 @@ from recycler.io.atomic import atomic_folder, link_or_copy
 from recycler.io.layout import MANIFEST_NAME, is_release_file
 from recycler.io.manifest import manifest_digest, verify_folder, write_manifest
 from recycler.registry.names import CHAMPION, NEXT_DIFF, Lineage, RegisteredVersion
+from recycler.registry.runlog import log_json_artifact, log_metrics
+from recycler.registry.runs import child_run
 from recycler.service.services import FT_RECORD, Services
 from recycler.store.releases import Release, ReleaseSource, check_version
 
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
 CYCLE_COMPLETE = "complete"
 METRIC = "accuracy"
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- local
@@ -101,28 +105,51 @@ def reusable(dest: Path, inputs: dict, *, complete: bool = True) -> bool:
     return False
 
 
-def apply_step(base: Path, diff: Path, dest: Path, alpha: float) -> Path:
-    """M_i + α·Δ, reused only if a verified copy made from the same base, Δ and α exists."""
+def apply_step(
+    base: Path, diff: Path, dest: Path, alpha: float, *, parent_run: str | None = None, name: str = "apply Δ"
+) -> Path:
+    """M_i + α·Δ, reused only if a verified copy made from the same base, Δ and α exists (`name`: its
+    MLflow run's)."""
     from recycler.delta.policy import ApplyPolicy
     from recycler.stages.apply import apply_diff
 
     inputs = {"op": "apply", "base": manifest_digest(base), "delta": manifest_digest(diff), "alpha": alpha}
     if not reusable(dest, inputs):
-        apply_diff(base, diff, dest, policy=ApplyPolicy(alpha=alpha), overwrite=True)
+        with child_run(parent_run, name, params=inputs) as run_id:
+            result = apply_diff(base, diff, dest, policy=ApplyPolicy(alpha=alpha), overwrite=True)
+            log_json_artifact(result.report.model_dump(mode="json"), "compatibility.json", run_id=run_id)
     return dest
 
 
-def extract_step(base: Path, tuned: Path, dest: Path, spec: CycleSpec) -> Path:
+def extract_step(
+    base: Path, tuned: Path, dest: Path, spec: CycleSpec, *, parent_run: str | None = None
+) -> Path:
     """Δ = tuned − base (exact round trip), reused only if made from the same base and fine-tune."""
     from recycler.stages.extract import diff_checkpoints
 
     inputs = {"op": "extract", "base": manifest_digest(base), "tuned": manifest_digest(tuned)}
     if not reusable(dest, inputs | {"max_relative_norm": spec.max_relative_norm}):
-        diff_checkpoints(base, tuned, dest, overwrite=True, max_relative_norm=spec.max_relative_norm)
+        name = f"extract Δ {dest.parent.name} = {tuned.name} − base"
+        with child_run(parent_run, name, params=inputs) as run_id:
+            result = diff_checkpoints(
+                base, tuned, dest, overwrite=True, max_relative_norm=spec.max_relative_norm
+            )
+            log_metrics(
+                {f"relative_norm_{k}": v for k, v in result.manifest.get("relative_norms", {}).items()},
+                run_id=run_id,
+            )
     return dest
 
 
-def finetune_step(svc: Services, start: Path, dest: Path, spec: CycleSpec, *, role: str) -> dict:
+FT_RUN_NAMES = {
+    "ft": "finetune {version} from {start}",
+    "ft-from-base": "finetune {version} from base (baseline)",
+}
+
+
+def finetune_step(
+    svc: Services, start: Path, dest: Path, spec: CycleSpec, *, role: str, parent_run: str | None = None
+) -> dict:
     """FT(start) with the services' trainer (resumed after a crash); returns the training record.
 
     An earlier attempt (finished, or checkpoints to resume) counts only if it trained from the same
@@ -138,22 +165,43 @@ def finetune_step(svc: Services, start: Path, dest: Path, spec: CycleSpec, *, ro
         "train": sha256_file(spec.train).sha256,
         "config": spec.finetune_config().model_dump(mode="json"),
     }
+    run_marker = dest.parent / f".{dest.name}.mlflow-run"
     if not reusable(dest, inputs, complete=False) or not (dest / FT_RECORD).is_file():
-        svc.trainer.finetune(start, dest, spec)
+        what = {"merged": "M+Δ", "base": "base"}.get(start.name, start.name)
+        name = FT_RUN_NAMES[role].format(version=dest.parent.name, start=what)
+        with child_run(parent_run, name, tags={"recycler.role": role}) as run_id:
+            svc.trainer.finetune(start, dest, spec, run_id=run_id)
+        run_marker.write_text(run_id or "")
     ensure_manifest(dest, kind="model", body={"role": role})
     shutil.rmtree(dest / ".checkpoints", ignore_errors=True)
-    return json.loads((dest / FT_RECORD).read_text())
+    record = json.loads((dest / FT_RECORD).read_text())
+    return record | {"mlflow_run_id": run_marker.read_text() if run_marker.is_file() else ""}
 
 
-def evaluate_cached(svc: Services, model: Path, evaluation: EvalSettings, cache: Path, *, name: str) -> float:
+def evaluate_cached(
+    svc: Services,
+    model: Path,
+    evaluation: EvalSettings,
+    cache: Path,
+    *,
+    name: str,
+    parent_run: str | None = None,
+) -> float:
     """Score of `model`, cached per (model manifest, evaluation settings) so re-runs skip it."""
     cache.mkdir(parents=True, exist_ok=True)
     how = evaluation.model_dump_json(exclude={"batch_size"})  # the same model under other settings differs
     setting = hashlib.sha256(how.encode()).hexdigest()[:8]
     key = f"{name}-{manifest_digest(model)[:16]}-{setting}.json"
     if (cache / key).is_file():
-        return float(json.loads((cache / key).read_text())["score"])
-    score = svc.scorer.score(model, evaluation)
+        score = float(json.loads((cache / key).read_text())["score"])
+        log.info("%s (%s): %s %.1f%% (cached)", name, model.parent.name, METRIC, 100 * score)
+        return score
+    with child_run(
+        parent_run, f"evaluate {name} {model.parent.name}", params={"model": name, "task": evaluation.task}
+    ) as run_id:
+        score = svc.scorer.score(model, evaluation)
+        log_metrics({"accuracy": score}, run_id=run_id)
+    log.info("%s (%s): %s %.1f%%", name, model.parent.name, METRIC, 100 * score)
     tmp = cache / f".{key}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps({"score": score, "task": str(evaluation.task)}))
     os.replace(tmp, cache / key)
@@ -224,7 +272,7 @@ def publish_and_register(
     store_kind = {"base": "base", "diff": "diff"}.get(kind, "model")
     ref = svc.store.publish(folder, store_kind)
     metrics = {METRIC: score} if score is not None else None
-    return svc.registry.register(
+    version = svc.registry.register(
         kind,
         family,
         None if kind == "base" else variant,
@@ -234,3 +282,5 @@ def publish_and_register(
         metrics=metrics,
         status=status,
     )
+    log.info("registered %s (%s of release %s)", version.reference, kind, base_version)
+    return version

@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from recycler.errors import InvalidConfig, InvalidReleaseId, RecyclerError
-from recycler.registry.names import Lineage
+from recycler.registry.names import Lineage, RegisteredVersion
 from recycler.service import steps
 from recycler.service.cycle import StepRunner, run_locally
 from recycler.service.services import Services
 from recycler.service.spec import CycleSpec, EvalSettings
+from recycler.service.summary import log_transfer
 from recycler.service.workspace import Workspace
 from recycler.store.releases import check_id, check_version
 
 How = Literal["backport", "recycle"]
+log = logging.getLogger(__name__)
 
 
 class TransferRequest(BaseModel):
@@ -62,6 +67,19 @@ class TransferRequest(BaseModel):
         )
 
 
+class TransferResult(BaseModel):
+    """What a backport or recycle did: the scores of the base and of base + α·Δ, and the version."""
+
+    how: How
+    diff: str
+    target: str
+    base: str
+    alpha: float
+    scores: dict[str, float]
+    registered: str
+    run_id: str | None = None
+
+
 def run_transfer(
     how: How,
     diff: str,
@@ -70,9 +88,12 @@ def run_transfer(
     *,
     services: Services | None = None,
     run: StepRunner = run_locally,
-) -> dict:
+) -> TransferResult:
     """Apply the registered Δ `diff` (NAME/VERSION or NAME@ALIAS) to base `target_version` of the
-    request's family, evaluate base and result, and register the result as a merged model."""
+    request's family, evaluate base and result, and register the result as a merged model. One MLflow
+    run (found again by its inputs on a repeat) holds the steps and points at the version."""
+    from recycler.registry.runs import TRANSFER_TAG, keyed_run
+
     check_version(target_version)
     svc = services or Services.from_settings()
     family, variant = request.family, request.variant
@@ -84,49 +105,51 @@ def run_transfer(
         raise InvalidReleaseId(
             f"base {target_version!r} of {family!r} is not registered; run its cycle first"
         )
-    ws = Workspace.for_release(svc.settings.home, family, variant, target_version)
     key = _content_key(delta_v.digest, base_v.digest, request.alpha)
-    base = run(
-        f"fetch base {target_version}",
-        steps.fetch_verified,
-        svc.store,
-        base_v.artifact,
-        ws.root / "base-fetched",
-    )
-    diff_dir = run(
-        f"fetch Δ {delta_v.reference}",
-        steps.fetch_verified,
-        svc.store,
-        delta_v.artifact,
-        ws.root / f"diff-{delta_v.digest[:16]}",
-    )
-    out = run(
-        f"apply Δ to base {target_version}",
-        steps.apply_step,
-        base,
-        diff_dir,
-        ws.transfer(how, key),
-        request.alpha,
-    )
-    evaluation = request.evaluation
-    scores = {
-        "base": run("evaluate base", steps.evaluate_cached, svc, base, evaluation, ws.evals, name="base"),
-        "merged": run(f"evaluate {how}", steps.evaluate_cached, svc, out, evaluation, ws.evals, name=how),
-    }
-    lineage = Lineage(
-        parent_diff=delta_v.reference, transfer=how, diff_base_version=delta_v.tags.get("base_version")
-    )
-    merged_v = run(
-        f"register {how}", steps.publish_and_register, svc, out, "merged", family, variant, target_version,
-        lineage=lineage, score=scores["merged"],
-    )  # fmt: skip
-    return {
-        "diff": delta_v.reference,
-        "target": target_version,
-        "alpha": request.alpha,
-        "scores": scores,
-        "registered": merged_v.reference,
-    }
+    params = {"how": how, "diff": delta_v.reference, "target": target_version, "base": base_v.reference,
+              "family": family, "variant": variant, "alpha": request.alpha}  # fmt: skip
+    name = f"{how} {delta_v.reference} → {target_version}"
+    key_of_run = f"{how}/{family}/{variant}/{target_version}/{key}"
+    with keyed_run(key_of_run, name, params, tag=TRANSFER_TAG, settings=svc.settings) as run_id:
+        t = _Transfer(how, svc, run, request, Workspace.for_release(svc.settings.home, family, variant, target_version), run_id)  # fmt: skip
+        result = t.perform(delta_v, base_v, key)
+        run(f"log {how}", log_transfer, svc, result)
+    log.info("%s of %s onto %s: accuracy %.1f%% → %.1f%%; registered %s", how, result.diff, result.base,
+             100 * result.scores["base"], 100 * result.scores["merged"], result.registered)  # fmt: skip
+    return result
+
+
+@dataclass
+class _Transfer:
+    """The steps of one transfer, inside its MLflow run."""
+
+    how: How
+    svc: Services
+    run: StepRunner
+    request: TransferRequest
+    ws: Workspace
+    run_id: str | None
+
+    def perform(self, delta_v: RegisteredVersion, base_v: RegisteredVersion, key: str) -> TransferResult:
+        run, svc, ws, how, req, target = self.run, self.svc, self.ws, self.how, self.request, self.ws.version
+        base = run(f"fetch base {target}", steps.fetch_verified, svc.store, base_v.artifact, ws.root / "base-fetched")  # fmt: skip
+        fetched = ws.root / f"diff-{delta_v.digest[:16]}"
+        diff = run(f"fetch Δ {delta_v.reference}", steps.fetch_verified, svc.store, delta_v.artifact, fetched)
+        apply = f"apply Δ {delta_v.reference} to base {target}"
+        out = run(apply, steps.apply_step, base, diff, ws.transfer(how, key), req.alpha, parent_run=self.run_id, name=apply)  # fmt: skip
+        scores = {"base": self.evaluate(f"evaluate base {target}", base, "base"),
+                  "merged": self.evaluate(f"evaluate {how}", out, how)}  # fmt: skip
+        lineage = Lineage(parent_diff=delta_v.reference, transfer=how, diff_base_version=delta_v.tags.get("base_version"), run_id=self.run_id)  # fmt: skip
+        merged_v = run(f"register {how}", steps.publish_and_register, svc, out, "merged", req.family, req.variant,
+                       target, lineage=lineage, score=scores["merged"])  # fmt: skip
+        return TransferResult(how=how, diff=delta_v.reference, target=target, base=base_v.reference, alpha=req.alpha,
+                              scores=scores, registered=merged_v.reference, run_id=self.run_id)  # fmt: skip
+
+    def evaluate(self, label: str, model: Path, name: str) -> float:
+        ev, evals = self.request.evaluation, self.ws.evals
+        return self.run(
+            label, steps.evaluate_cached, self.svc, model, ev, evals, name=name, parent_run=self.run_id
+        )
 
 
 def _content_key(delta_digest: str, base_digest: str, alpha: float) -> str:

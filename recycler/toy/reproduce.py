@@ -157,9 +157,9 @@ def _log_mlflow(
     report: Path, results: Path, plots: dict[str, Path], findings: dict, *, fast: bool, seeds: int
 ) -> None:
     """Log the run to MLflow when tracking is on (RECYCLER_TRACK=1, as for every command)."""
-    from recycler.registry import runs
+    from recycler.registry import runlog, runs
 
     with runs.tracked_run(f"reproduce{'-fast' if fast else ''}", params={"fast": fast, "seeds": seeds}):
-        runs.log_metrics({name: f.get("mean") for name, f in findings.items()})
+        runlog.log_metrics({name: f.get("mean") for name, f in findings.items()})
         for path in (report, results, *plots.values()):
-            runs.log_artifact(path)
+            runlog.log_artifact(path)
