@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-all demo bench lint clean ui-screens
+.PHONY: setup test test-fast test-slow demo bench lint clean ui-screens
 
 $(STAMP): pyproject.toml
 	# Debian packages: PostgreSQL server binaries (the production-like MLflow backend in the tests) and
@@ -26,9 +26,14 @@ lint: setup
 	$(BIN)/ruff format --check recycler tests bench flows docs
 	$(BIN)/lint-imports
 
-# Everything, servers included (MLflow on SQLite and PostgreSQL, moto S3, Prefect): what CI runs.
+# Everything but the slow science run, servers included (MLflow on SQLite and PostgreSQL, moto S3,
+# Prefect): what CI runs.
 test: setup lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not slow"
+
+# The full `recycler reproduce` (three seeds, ~20 min cold) with its verdicts asserted.
+test-slow: setup
+	$(BIN)/pytest -q -m slow
 
 # The inner loop: no servers, no PostgreSQL, no long runs.
 test-fast: setup

@@ -233,7 +233,8 @@ def demo_command(
     backport of the family's newest Δ onto the first release.
 
     Embedded defaults: Prefect without a server, MLflow on a SQLite file and artifacts in a local
-    folder, all under OUTPUT, CPU only.
+    folder, all under OUTPUT, CPU only. RECYCLER_TRACKING_URI and RECYCLER_ARTIFACT_STORE, if set, are
+    honoured (a tracking server then serves its own UI, and no `mlflow ui` command is printed).
     """
     from recycler_flows.demo import main
 

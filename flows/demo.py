@@ -71,7 +71,9 @@ def run_demo(output: Path, *, fast: bool, say: Say, versions: tuple[str, ...] = 
     timings["toy family"] = time.perf_counter() - t0
     if unknown := [v for v in versions if v not in fam.versions]:
         raise RecyclerError(f"unknown toy versions {unknown}; the family has {list(fam.versions)}")
-    spec = fam.cycle_spec(finetune={"eval_every": 20}, baseline=True, precheck_sample=str(fam.dev))
+    from recycler.toy.reproduce import FAST_FT, FULL_FT
+
+    spec = fam.cycle_spec(finetune=FAST_FT if fast else FULL_FT, baseline=True, precheck_sample=str(fam.dev))
     releases = output / "releases"
     releases.mkdir(parents=True, exist_ok=True)
     cycles: list[dict[str, Any]] = []
@@ -87,7 +89,15 @@ def run_demo(output: Path, *, fast: bool, say: Say, versions: tuple[str, ...] = 
     timings["backport"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     settings = get_settings()
-    return {"cycles": cycles, "backport": back, "timings": timings, "tracking_uri": settings.tracking_uri}
+    n_test = sum(1 for line in fam.test.read_text().splitlines() if line.strip())
+    noise = {"n_test": n_test, "eval_every": spec.finetune.eval_every}
+    return {
+        "cycles": cycles,
+        "backport": back,
+        "timings": timings,
+        "tracking_uri": settings.tracking_uri,
+        "noise": noise,
+    }
 
 
 def main(output: Path, *, fast: bool, versions: tuple[str, ...], overwrite: bool) -> dict:
@@ -120,6 +130,7 @@ def main(output: Path, *, fast: bool, versions: tuple[str, ...], overwrite: bool
     out.print(
         "accuracy on the held-out task; steps to FT(M): steps FT from M+Δ needs to reach FT(M)'s final accuracy"
     )
+    out.print(noise_line(result["noise"]))
     out.print("registered: " + " · ".join(registered))
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in result["timings"].items())
     out.print(f"timings: {timings} (wall {time.perf_counter() - start:.0f} s)")
@@ -164,6 +175,17 @@ def ui_links(result: dict) -> dict[str, str]:
     if run_id := result["backport"].get("run_id"):
         links["backport run"] = run_url(run_id, settings)
     return links
+
+
+def noise_line(noise: dict) -> str:
+    """What a difference in the table must exceed to mean something (recycler.toy.findings' floors)."""
+    from recycler.toy.findings import accuracy_noise
+
+    n, every = noise["n_test"], noise["eval_every"]
+    return (
+        f"noise floor: ±{100 * accuracy_noise(0.5, n):.1f} points (standard error of a difference of two accuracies "
+        f"on {n} problems), ±{every} steps (curves are evaluated every {every} steps)"
+    )
 
 
 def format_report(result: dict) -> tuple[list[list[str]], list[str]]:

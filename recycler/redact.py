@@ -77,7 +77,9 @@ def secret_values() -> list[str]:
     (read each time: tests and credential refreshes change them). Short values are left out, since
     replacing `1` or `true` everywhere would only garble text."""
     values = {os.environ.get(k, "") for k in SECRET_ENV}
-    values |= {v for k, v in os.environ.items() if len(v) >= 8 and key_is_secret(k)}
+    # list(os.environ) is one snapshot of the names; .get, because another thread (MLflow's telemetry) may
+    # delete a variable between the snapshot and the read: iterating .items() then raises KeyError
+    values |= {v for k in list(os.environ) if key_is_secret(k) and len(v := os.environ.get(k, "")) >= 8}
     return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
 
 

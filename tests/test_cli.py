@@ -83,3 +83,24 @@ def test_errors_are_one_clear_line_with_distinct_exit_codes(models, delta, tmp_p
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in r.stderr.replace("\n", " ")
+
+
+def test_demo_help_says_what_it_runs_and_where_it_writes():
+    r = run("demo", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.replace("│", " ").split())
+    assert "v3→v5" in text and "backport" in text
+    assert "RECYCLER_TRACKING_URI" in text and "honoured" in text
+
+
+def test_init_spec_writes_a_template_the_service_loads_and_refuses_to_overwrite(tmp_path):
+    from recycler.service.spec import spec_template
+
+    target = tmp_path / "family.yaml"
+    r = run("init-spec", target)
+    assert r.returncode == 0, r.stderr
+    assert target.read_text() == spec_template()
+    assert "family" in target.read_text() and "evaluation" in target.read_text()
+    again = run("init-spec", target)
+    assert again.returncode != 0 and "--overwrite" in again.stderr + again.stdout
+    assert "Traceback" not in again.stderr

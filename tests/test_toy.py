@@ -121,50 +121,53 @@ def test_fast_finetuning_lifts_accuracy(fast_run):
 # ---- pre-check -----------------------------------------------------------------------------------------
 
 
+def seed_work(fast_run) -> tuple[Path, dict[str, Path]]:
+    """The kept work folder of seed 0 and the Δ of each version its direct chain registered."""
+    work = fast_run.out / "work" / "seed-0"
+    run = json.loads((fast_run.out / "results.json").read_text())["runs"][0]
+    return work, {v: work / rel for v, rel in run["deltas"].items()}
+
+
 def test_precheck_ranks_close_version_above_far(fast_run, fast_family):
     """Target v5: the Δ of v3 (its neighbour in the fast run) must outrank the Δ of v1 (farthest)."""
-    work = fast_run.out / "work" / "seed-0"
+    _, delta = seed_work(fast_run)
     M = fast_family.versions
     result = precheck(
-        M["v5"],
-        [work / "delta-v1", work / "delta-v3"],
-        bases=[M["v1"], M["v3"]],
-        sample=fast_family.dev,
-        n=32,
+        M["v5"], [delta["v1"], delta["v3"]], bases=[M["v1"], M["v3"]], sample=fast_family.dev, n=32
     )
-    ranked = [Path(c.diff).name for c in result.candidates]
-    assert ranked == ["delta-v3", "delta-v1"], result.model_dump()
+    ranked = [Path(c.diff) for c in result.candidates]
+    assert ranked == [delta["v3"], delta["v1"]], result.model_dump()
     close, far = result.candidates
     assert close.relative_distance < far.relative_distance
     assert set(close.probe_loss) == {"0.5", "1"}
     # Without a sample the parameter-space signals alone rank them the same way.
-    blind = precheck(M["v5"], [work / "delta-v1", work / "delta-v3"], bases=[M["v1"], M["v3"]])
-    assert [Path(c.diff).name for c in blind.candidates] == ["delta-v3", "delta-v1"]
+    blind = precheck(M["v5"], [delta["v1"], delta["v3"]], bases=[M["v1"], M["v3"]])
+    assert [Path(c.diff) for c in blind.candidates] == [delta["v3"], delta["v1"]]
     assert blind.signals == ["proximity", "cosine"]
 
 
 def test_precheck_errors(fast_run, fast_family, tmp_path):
-    work = fast_run.out / "work" / "seed-0"
+    _, delta = seed_work(fast_run)
     with pytest.raises(PrecheckError, match="nothing to score"):
-        precheck(fast_family.versions["v5"], [work / "delta-v1"])
+        precheck(fast_family.versions["v5"], [delta["v1"]])
     with pytest.raises(PrecheckError, match="one --base per --diff"):
-        precheck(fast_family.versions["v5"], [work / "delta-v1"], bases=[])
+        precheck(fast_family.versions["v5"], [delta["v1"]], bases=[])
     other = build_tiny_model(tmp_path / "other")  # another architecture: cannot be the Δ's base
-    with pytest.raises(IncompatibleCheckpoints, match="not the base"):
-        precheck(fast_family.versions["v5"], [work / "delta-v1"], bases=[other])
+    with pytest.raises(IncompatibleCheckpoints, match="not the base|differ in shape"):
+        precheck(fast_family.versions["v5"], [delta["v1"]], bases=[other])
 
 
 def test_precheck_cli(fast_run, fast_family, tmp_path):
     app = typer.Typer()
     register(app)
-    work = fast_run.out / "work" / "seed-0"
+    _, delta = seed_work(fast_run)
     M = fast_family.versions
-    args = ["precheck", str(M["v5"]), "--diff", str(work / "delta-v1"), "--diff", str(work / "delta-v3")]
+    args = ["precheck", str(M["v5"]), "--diff", str(delta["v1"]), "--diff", str(delta["v3"])]
     args += ["--base", str(M["v1"]), "--base", str(M["v3"]), "--output", str(tmp_path / "pc.json")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     ranked = json.loads((tmp_path / "pc.json").read_text())["candidates"]
-    assert Path(ranked[0]["diff"]).name == "delta-v3"
+    assert Path(ranked[0]["diff"]) == delta["v3"]
 
 
 # ---- small pure helpers ----------------------------------------------------------------------------------
@@ -176,3 +179,29 @@ def test_spearman_and_steps():
     assert spearman([1, 1, 1], [1, 2, 3]) is None
     assert steps_or_inf([[0, 0.0], [10, 0.5], [20, 0.9]], 0.5) == 10
     assert steps_or_inf([[0, 0.0], [10, 0.5]], 0.9) == float("inf")
+
+
+def test_the_service_built_the_table_and_its_registry_agrees(fast_run):
+    """The fine-tunes in the report are the release cycle's own: the registry reproduce leaves behind
+    (OUTPUT/service/seed-0) holds one fine-tune per (chain, release, role), with the report's scores."""
+    from recycler.registry.client import Registry
+    from recycler.settings import Settings
+
+    run = json.loads((fast_run.out / "results.json").read_text())["runs"][0]
+    V = run["versions"]
+    registry = Registry(Settings(home=Path(run["service_home"])).tracking_uri)
+
+    def scores(family: str, role: str) -> dict[str, float]:
+        found = [v for v in registry.versions("ft", family, "arith") if v.tags["role"] == role]
+        return {v.tags["base_version"]: float(v.tags["eval.accuracy"]) for v in found}
+
+    first = {V[0]: run["ft"][V[0]]}
+    assert scores("toy-direct", "ft") == first == scores("toy-iterative", "ft")  # M*_1 = FT(M_1) in both
+    assert scores("toy-direct", "ft-from-base") == {v: run["ft"][v] for v in V[1:]}
+    assert scores("toy-direct", "recycled-ft") == run["recycled_ft"]
+    iterative = scores("toy-iterative", "recycled-ft")
+    assert {v: iterative[v] for v in run["iter_ft"]} == run["iter_ft"]
+    assert iterative[V[1]] == run["recycled_ft"][V[1]]  # both chains start from M_2 + Δ_1
+    diffs = {v.tags["base_version"]: v for v in registry.versions("diff", "toy-iterative", "arith")}
+    assert [diffs[v].tags.get("diff_mode") for v in V] == ["direct", *["iterative"] * (len(V) - 1)]
+    assert (fast_run.out / "service" / "seed-0" / "mlflow.db").is_file()

@@ -289,3 +289,32 @@ def test_the_printed_mlflow_ui_command_survives_any_shell():
     assert shlex.split(cmd) == ["mlflow", "ui", "--backend-store-uri", "sqlite:////tmp/my demo/.recycler/mlflow.db",
                                 "--port", "5000"]  # fmt: skip
     assert ui_command("http://mlflow:5000") is None  # a tracking server serves its own UI
+
+
+def test_secret_values_survive_a_variable_deleted_while_they_are_read(monkeypatch):
+    """MLflow's telemetry thread deletes `_MLFLOW_TELEMETRY_SESSION_ID` while runs start; reading the
+    environment's items at that moment raised KeyError and failed a fine-tune (seen in the demo)."""
+    import os
+
+    from recycler import redact
+
+    monkeypatch.setenv("RECYCLER_TEST_API_KEY", "sk-live-0123456789abcdef")
+    monkeypatch.setenv("RECYCLER_TEST_VANISHING_TOKEN", "short-lived-token-value")
+    real_getitem = type(os.environ).__getitem__
+
+    def vanish(self, key):  # the other thread wins the race for this one variable
+        if key == "RECYCLER_TEST_VANISHING_TOKEN":
+            raise KeyError(key)
+        return real_getitem(self, key)
+
+    def get(self, key, default=None):
+        try:
+            return vanish(self, key)
+        except KeyError:
+            return default
+
+    monkeypatch.setattr(type(os.environ), "__getitem__", vanish)
+    monkeypatch.setattr(type(os.environ), "get", get)
+    values = redact.secret_values()
+    assert "sk-live-0123456789abcdef" in values
+    assert "short-lived-token-value" not in values

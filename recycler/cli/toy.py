@@ -90,8 +90,19 @@ def reproduce_command(
     ],
     fast: FastOpt = False,
     seeds: Annotated[
-        int, typer.Option("--seeds", min=1, help="Families (pretraining + FT seeds) to average over.")
-    ] = 2,
+        int,
+        typer.Option(
+            "--seeds",
+            min=1,
+            help="Families (pretraining + FT seeds) to run; a finding holds only if it holds in each.",
+        ),
+    ] = 3,
+    versions: Annotated[
+        str | None,
+        typer.Option(
+            "--versions", help="Base versions to run, oldest first, comma-separated (≥ 3; default all)."
+        ),
+    ] = None,
     cache: CacheOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty OUTPUT.")] = False,
     keep_work: Annotated[
@@ -100,7 +111,10 @@ def reproduce_command(
 ) -> None:
     """Run the paper's experiments on the toy family and write a Markdown report with tables and plots.
 
-    Full mode (default, 2 seeds) takes minutes on a 2-core CPU; --fast is a smoke test of about a minute.
+    The fine-tunes, Δs and recycled starts come from the release cycle itself: per seed, the watcher runs
+    one cycle per release in mode direct (with FT(M) baselines) and in mode iterative (Algorithm 1),
+    and the tables are read back from their registry, kept in OUTPUT/service/seed-N (open it with
+    `mlflow ui`). Full mode (default, 3 seeds) takes minutes on a 2-core CPU; --fast is a smoke test.
     Logs to MLflow when RECYCLER_TRACK=1 (report, results and plots as artifacts, findings as metrics).
     """
     from recycler.toy.reproduce import reproduce
@@ -110,6 +124,7 @@ def reproduce_command(
             output,
             fast=fast,
             seeds=seeds,
+            versions=tuple(v.strip() for v in versions.split(",") if v.strip()) if versions else None,
             progress=progress,
             cache=cache,
             overwrite=overwrite,

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from recycler.redact import install_redaction, scrub
@@ -98,7 +99,7 @@ def tracked_run(
     With `run_id`, that existing run is resumed instead (a cycle's fine-tune step hands its child run
     to the training process this way). An exception inside the block marks the run FAILED.
     """
-    if not tracking_enabled(enabled or (True if run_id else None)):
+    if not tracking_enabled(True if run_id else enabled):
         yield None
         return
     import mlflow
@@ -112,7 +113,11 @@ def tracked_run(
     mlflow.set_registry_uri(settings.registry_uri)
     exp = experiment_id(settings)
     nested = mlflow.active_run() is not None
-    named = {"run_id": run_id} if run_id else {"run_name": name, "experiment_id": exp, "nested": nested}
+    named = (
+        {"run_id": run_id, "nested": nested}
+        if run_id
+        else {"run_name": name, "experiment_id": exp, "nested": nested}
+    )
     with mlflow.start_run(**named, tags=scrub(tags)) as run:
         if params:
             mlflow.log_params(scrub(params))
@@ -224,3 +229,35 @@ def run_url(run_id: str, settings: Settings) -> str:
 
     experiment = MlflowClient(settings.tracking_uri).get_run(run_id).info.experiment_id
     return url(settings.ui_url, run_path(experiment, run_id))
+
+
+@dataclass(frozen=True)
+class RunReadback:
+    """What a keyed run recorded: its final metrics and, for step metrics, their histories."""
+
+    run_id: str
+    metrics: dict[str, float]
+    curves: dict[str, list[list[float]]]  # key → [[step, value], …] in step order
+
+
+def read_keyed_run(
+    settings: Settings, key: str, curves: tuple[str, ...] = (), *, tag: str = CYCLE_TAG
+) -> RunReadback | None:
+    """The run of a piece of service work (a cycle: `family/variant/version`), read back from MLflow."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.tracking_uri)
+    exp = client.get_experiment_by_name(settings.experiment)
+    found = client.search_runs([exp.experiment_id], f"tags.`{tag}` = '{key}'", max_results=1) if exp else []
+    if not found:
+        return None
+    run_id, metrics = found[0].info.run_id, dict(found[0].data.metrics)
+    histories = {
+        c: [
+            [float(m.step), float(m.value)]
+            for m in sorted(client.get_metric_history(run_id, c), key=lambda m: m.step)
+        ]
+        for c in curves
+        if c in metrics
+    }
+    return RunReadback(run_id, metrics, histories)

@@ -67,6 +67,26 @@ class LaunchedTrainer:
             ) from e
 
 
+@dataclass(frozen=True)
+class InProcessTrainer:
+    """`finetune` in this process, logged into the cycle's child run: for tiny models on a CPU (the
+    toy family in `recycler reproduce`), where starting a Python process per fine-tune costs more than
+    the fine-tune. Production uses LaunchedTrainer (process isolation, accelerate)."""
+
+    settings: Settings  # the tracking server of the cycle's runs
+
+    def finetune(self, start: Path, dest: Path, spec: CycleSpec, *, run_id: str | None = None) -> None:
+        from recycler.registry.runlog import log_dataset, log_training_record
+        from recycler.registry.runs import tracked_run
+        from recycler.stages.finetune.recipe import finetune
+
+        config = spec.finetune_config()
+        with tracked_run("finetune", settings=self.settings, enabled=run_id is not None, run_id=run_id):
+            log_dataset(spec.train, "training")
+            record = finetune(start, spec.train, dest, config, eval_path=spec.evaluation.task, resume=True)
+            log_training_record(record, dest)
+
+
 class TaskScorer:
     """Accuracy on a local task file (generation with answer extraction, or multiple choice)."""
 

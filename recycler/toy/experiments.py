@@ -1,8 +1,10 @@
-"""The paper's experiments on one toy family (one seed), through recycler's own stages.
+"""The paper's experiments on one toy family (one seed), through recycler's own service and stages.
 
-Every model is an HF folder written by `finetune`, `diff_checkpoints` or `apply_diff`, and every
-accuracy comes from `recycler.stages.evaluate.evaluators` on the held-out task, so the toy exercises the same code paths
-as a real release cycle. Results are plain JSON-able dicts; `recycler.toy.reproduce` aggregates seeds.
+Every fine-tune, Δ and recycled start comes from a release cycle run by the service over the family's
+releases (recycler.toy.chain), and is read back from the registry and the cycle runs; the transfer
+table applies those registered Δs to every other base. Every accuracy comes from
+`recycler.stages.evaluate.evaluators` on the held-out task. Results are plain JSON-able dicts;
+`recycler.toy.reproduce` aggregates seeds.
 """
 
 from __future__ import annotations
@@ -14,23 +16,34 @@ from pathlib import Path
 
 from recycler.delta.policy import ApplyPolicy
 from recycler.stages.evaluate.evaluators import load_task
-from recycler.stages.extract import diff_checkpoints
 from recycler.stages.finetune.config import FinetuneConfig
-from recycler.stages.finetune.recipe import finetune
 from recycler.stages.model_folder import load_causal_lm, load_tokenizer
 from recycler.stages.precheck import precheck
-from recycler.toy.family import TOY_MAX_RELATIVE_NORM, ToyFamily
+from recycler.toy.chain import Chain, run_chain
+from recycler.toy.family import ToyFamily
 
 Tick = Callable[[str, int, int], None]  # (label, done, total)
 
 
 class SeedExperiments:
-    """Base/FT table, the transfer table, recycling-then-FT curves, Algorithm 1 and the pre-check."""
+    """Table 6 from the service's own cycles (recycler.toy.chain), then the transfer table over every
+    pair of versions and the pre-check, from the Δs those cycles registered."""
 
     def __init__(
-        self, family: ToyFamily, versions: list[str], work: Path, ft: FinetuneConfig, tick: Tick | None = None
+        self,
+        family: ToyFamily,
+        versions: list[str],
+        work: Path,
+        ft: FinetuneConfig,
+        tick: Tick | None = None,
+        finetune: dict | None = None,
+        service: Path | None = None,
     ) -> None:
         self.family, self.versions, self.work, self.ft = family, versions, Path(work), ft
+        self.service = Path(service) if service else self.work / "service"  # the chains' registry home
+        self.finetune = (
+            finetune or {}
+        )  # overrides of the family's fine-tuning options, as in the cycle's spec
         self.tick = tick or (lambda *_: None)
         self.task = load_task(
             family.test,
@@ -39,12 +52,9 @@ class SeedExperiments:
             extract=ft.eval_extract,
         )
         n = len(versions)
-        # evals (base, transfer, iterative starts) + fine-tunes + Δs + pre-checks
-        self.total = n + n * (n - 1) + max(0, n - 2) + n + (n - 1) + max(0, n - 2) + n + max(0, n - 2) + n
+        self.total = 2 + (n - 1) ** 2 + n  # two chains, the non-adjacent transfer pairs, pre-checks
         self.done = 0
         self.timings: dict[str, float] = {}
-
-    # ---- one stage each -------------------------------------------------------------------------------
 
     def _step(self, label: str) -> None:
         self.tick(label, self.done, self.total)
@@ -54,19 +64,6 @@ class SeedExperiments:
         self._step(f"evaluating {label}")
         return self.task.evaluate(load_causal_lm(model_dir), load_tokenizer(model_dir)).score
 
-    def fine_tune(self, start: Path, name: str) -> tuple[Path, list[list[float]]]:
-        """FT `start` with the family's settings; returns the model and its accuracy curve [[step, acc]]."""
-        self._step(f"fine-tuning {name}")
-        out = self.work / f"ft-{name}"
-        record = finetune(start, self.family.train, out, self.ft, eval_path=self.family.test, overwrite=True)
-        return out, record["curve"]
-
-    def diff(self, base: Path, tuned: Path, name: str) -> Path:
-        self._step(f"extracting Δ {name}")
-        out = self.work / f"delta-{name}"
-        diff_checkpoints(base, tuned, out, overwrite=True, max_relative_norm=TOY_MAX_RELATIVE_NORM)
-        return out
-
     def apply(self, target: Path, delta: Path, name: str) -> Path:
         from recycler.stages.apply import apply_diff
 
@@ -74,64 +71,37 @@ class SeedExperiments:
         apply_diff(target, delta, out, policy=ApplyPolicy(alpha=1.0), overwrite=True)
         return out
 
-    # ---- the experiments ------------------------------------------------------------------------------
-
     def run(self) -> dict:
         t0 = time.monotonic()
-        V, M = self.versions, self.family.versions
-        res: dict = {
-            "versions": V,
-            "n_test": len(self.task.examples),
-            "base": {},
-            "ft": {},
-            "ft_curve": {},
-            "transfer": {v: {} for v in V},
-        }
-        deltas, tuned = {}, {}
-        for v in V:  # 1. base and fine-tuned accuracy; Δ_v = FT(M_v) − M_v
-            res["base"][v] = self.accuracy(M[v], f"base {v}")
-            tuned[v], res["ft_curve"][v] = self.fine_tune(M[v], v)
-            res["ft"][v] = res["ft_curve"][v][-1][1]
-            deltas[v] = self.diff(M[v], tuned[v], v)
-        self.timings["base_and_ft_s"] = time.monotonic() - t0
-        for src in V:  # 2. the transfer table M_j + Δ_i, no training (diagonal: M_j + Δ_j = FT(M_j))
+        V = self.versions
+        self._step("release cycles, mode direct (with FT(M) baselines)")
+        chain = {"home": self.service, "artifacts": self.work / "artifacts"}
+        direct = run_chain(
+            self.family, V, chain["home"], "direct", self.finetune, artifacts=chain["artifacts"]
+        )
+        self._step("release cycles, mode iterative (Algorithm 1)")
+        iterative = run_chain(
+            self.family, V, chain["home"], "iterative", self.finetune, artifacts=chain["artifacts"]
+        )
+        self.timings["cycles_s"] = time.monotonic() - t0
+        res = table_from_chains(V, direct, iterative) | {"n_test": len(self.task.examples)}
+        deltas = {v: Path(direct.diffs[v]) for v in V}
+        res["deltas"] = {
+            v: str(d.relative_to(self.work)) for v, d in deltas.items()
+        }  # in the seed's work folder
+        for (
+            src
+        ) in V:  # the transfer table M_j + Δ_i, no training; adjacent forward pairs came from the cycles
             for tgt in V:
-                if src != tgt:
-                    applied = self.apply(M[tgt], deltas[src], f"{src}-to-{tgt}")
+                if src != tgt and tgt not in res["transfer"][src]:
+                    applied = self.apply(self.family.versions[tgt], deltas[src], f"{src}-to-{tgt}")
                     res["transfer"][src][tgt] = self.accuracy(applied, f"{tgt} + Δ {src}")
         self.timings["transfer_table_s"] = time.monotonic() - t0 - sum(self.timings.values())
-        res |= self._recycling_then_finetuning(deltas)
-        self.timings["recycling_s"] = time.monotonic() - t0 - sum(self.timings.values())
         res["precheck"] = self._precheck(deltas)
         self.timings["precheck_s"] = time.monotonic() - t0 - sum(self.timings.values())
         self.tick("done", self.total, self.total)
         res["timings"] = self.timings | {"total_s": time.monotonic() - t0}
         return res
-
-    def _recycling_then_finetuning(self, deltas: dict[str, Path]) -> dict:
-        """FT from M_k + Δ^dir_{k−1} (curves), and Algorithm 1: M*_k = FT(M_k + (M*_{k−1} − M_{k−1}))."""
-        V, M = self.versions, self.family.versions
-        out: dict = {
-            "recycled_ft": {},
-            "recycled_curve": {},
-            "iter_start": {},
-            "iter_ft": {},
-            "iter_curve": {},
-        }
-        star: dict[str, Path] = {}
-        for prev, v in pairwise(V):
-            start = self.work / f"applied-{prev}-to-{v}"  # written by the transfer table
-            star_dir, out["recycled_curve"][v] = self.fine_tune(start, f"{v}-from-{prev}")
-            out["recycled_ft"][v] = out["recycled_curve"][v][-1][1]
-            if prev == V[0]:  # M*_1 = FT(M_1), so Δ^iter_1 = Δ^dir_1 and M*_2 is the recycled FT
-                star[v] = star_dir
-                continue
-            d_iter = self.diff(M[prev], star[prev], f"iter-{prev}")
-            start = self.apply(M[v], d_iter, f"iter-{prev}-to-{v}")
-            out["iter_start"][v] = self.accuracy(start, f"{v} + Δiter {prev}")
-            star[v], out["iter_curve"][v] = self.fine_tune(start, f"{v}-iterative")
-            out["iter_ft"][v] = out["iter_curve"][v][-1][1]
-        return out
 
     def _precheck(self, deltas: dict[str, Path]) -> dict:
         """Pre-check scores of every Δ_i for every M_j (i ≠ j), to compare with the transfer table."""
@@ -153,3 +123,23 @@ class SeedExperiments:
             }
             scores[tgt]["_target_loss"] = result.target_loss
         return scores
+
+
+def table_from_chains(versions: list[str], direct: Chain, iterative: Chain) -> dict:
+    """The per-seed results in the shape recycler.toy.findings reads, from the two chains:
+    FT(M_i) (the direct chain's first fine-tune and baselines), FT(M_i + Δ^dir_{i−1}) (its
+    fine-tunes), FT(M_i + Δ^iter_{i−1}) (the iterative chain's, from the third release on, where the
+    two chains start to differ), and the no-training starts."""
+    first = versions[0]
+    res: dict = {"versions": versions, "base": dict(direct.base), "transfer": {v: {} for v in versions},
+                 "recycled_ft": {}, "recycled_curve": {}, "iter_start": {}, "iter_ft": {}, "iter_curve": {},
+                 "service": {"direct": direct.run_ids, "iterative": iterative.run_ids}}  # fmt: skip
+    res["ft"] = {v: direct.ft[v] if v == first else direct.baseline[v] for v in versions}
+    res["ft_curve"] = {v: direct.ft_curve[v] if v == first else direct.baseline_curve[v] for v in versions}
+    for prev, v in pairwise(versions):
+        res["transfer"][prev][v] = direct.start[v]
+        res["recycled_ft"][v], res["recycled_curve"][v] = direct.ft[v], direct.ft_curve[v]
+        if prev != first:
+            res["iter_start"][v] = iterative.start[v]
+            res["iter_ft"][v], res["iter_curve"][v] = iterative.ft[v], iterative.ft_curve[v]
+    return res

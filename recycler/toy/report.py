@@ -20,9 +20,8 @@ from recycler.toy.plots import plot_convergence, plot_iterative, plot_precheck, 
 
 CEILING = 0.97
 FAST_NOTE = (
-    "**Fast mode: a smoke test.** One seed, three versions (v1, v3, v5) of the smaller, shorter-pretrained fast "
-    "family, evaluated every 20 steps. These numbers check that the pipeline runs end to end; they are not evidence for or against "
-    "the paper."
+    "**Fast mode: a smoke test.** The smaller, shorter-pretrained fast family, evaluated every 20 steps. These "
+    "numbers check that the pipeline runs end to end; they are not evidence for or against the paper."
 )
 
 
@@ -265,6 +264,16 @@ def _json_default(x: object) -> object:
     raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
 
 
+TASK_EXAMPLES = {"add": "`Q:32+54?` → `860`", "sub": "`Q:54-32?` → `22`", "mul3": "`Q:321*4?` → `2940`",
+                 "mul": "`Q:32*4?` → `821`"}  # fmt: skip
+
+
+def task_line(cfg: dict) -> str:
+    """The task's operations as examples (numbers least-significant digit first)."""
+    ops = cfg.get("task_ops", ["add"])
+    return ", ".join(TASK_EXAMPLES.get(op, op) for op in ops)
+
+
 def _markdown(runs: list[dict], findings: dict, fast: bool, wall: float) -> list[str]:
     cfg, ft = runs[0]["family"]["config"], runs[0]["finetune_config"]
     timing = "; ".join(
@@ -278,10 +287,18 @@ def _markdown(runs: list[dict], findings: dict, fast: bool, wall: float) -> list
         "Reproduces the experiments of Lin et al. 2025 (arXiv 2503.20110) on a tiny Llama "
         f"(d={cfg['hidden']}, {cfg['layers']} layers, character tokens, context {cfg['context']}) pretrained in two stages "
         "on a synthetic corpus (made-up text and arithmetic facts with numbers written least-significant digit first), "
-        f"with base versions {', '.join(runs[0]['versions'])}. The instruction task is `Q:23+45?` → `860` in chat format; "
-        f"fine-tuning: {ft['max_steps']} steps, batch {ft['batch_size']}, lr {ft['learning_rate']:g}, linear decay; accuracy "
+        f"with base versions {', '.join(runs[0]['versions'])}. The instruction task asks {task_line(cfg)} in chat format; "
+        f"fine-tuning: {ft['max_steps']} steps, batch {ft['batch_size']}, lr {ft['learning_rate']:g} "
+        f"({100 * ft['warmup_ratio']:.0f}% warm-up, then linear decay); accuracy "
         f"is exact match by greedy decoding on {runs[0]['n_test']} held-out problems that neither pretraining nor fine-tuning saw. "
         f"Each seed is a separately pretrained family and fine-tuning seed. Seeds: {len(runs)}.",
+        "",
+        "Every fine-tune, Δ and recycled start below was made by the release cycle itself: per seed, the watcher "
+        "ran one cycle per release in mode `direct` with FT(M_i) baselines (registered family `toy-direct`) and in "
+        "mode `iterative`, Algorithm 1 (`toy-iterative`), every cycle promoted, and the tables are read back from "
+        "their registry and cycle runs (open one with `mlflow ui --backend-store-uri "
+        f"sqlite:///{Path(runs[0]['service_home'])}/mlflow.db`). The transfer table applies the Δs those "
+        "cycles registered to every other base.",
         "",
         f"Wall time {wall:.0f} s ({timing}).",
         "",

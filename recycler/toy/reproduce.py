@@ -23,7 +23,7 @@ from recycler.toy.pretrain import torch_threads
 
 FULL_VERSIONS = ("v1", "v2", "v3", "v4", "v5")
 FAST_VERSIONS = ("v1", "v3", "v5")
-FULL_FT = {"eval_every": 10}
+FULL_FT = {"eval_every": 5}  # the full budget is 40 steps: 9 points per curve
 FAST_FT = {"eval_every": 20}
 
 
@@ -41,7 +41,23 @@ def default_cache() -> Path:
     return Path(os.environ.get("RECYCLER_TOY_CACHE", "~/.cache/recycler/toy")).expanduser()
 
 
-def run_seed(cache: Path, work: Path, fast: bool, seed: int, queue=None) -> dict:
+@dataclass(frozen=True)
+class Plan:
+    """What every seed runs (picklable: it crosses into the seed's process)."""
+
+    cache: Path  # toy families, built once per (size, seed)
+    work: Path  # intermediate models
+    service: Path  # the release cycles' registries, one per seed
+    fast: bool
+    versions: tuple[str, ...]
+
+    @property
+    def finetune(self) -> dict:
+        """Options of the cycles' fine-tunes on top of the family's budget: how often to evaluate."""
+        return FAST_FT if self.fast else FULL_FT
+
+
+def run_seed(plan: Plan, seed: int, queue=None) -> dict:
     """Build (or reuse) the family of `seed` and run every experiment on it; returns JSON-able results."""
     from transformers.utils import logging as hf_logging
 
@@ -56,28 +72,30 @@ def run_seed(cache: Path, work: Path, fast: bool, seed: int, queue=None) -> dict
             queue.put(ProgressUpdate(lane, label, done, total))
 
     t0 = time.monotonic()
-    family = build_toy_family(cache, fast=fast, seed=seed, progress=lambda u: send(u.label, u.done, u.total))
+    family = build_toy_family(
+        plan.cache, fast=plan.fast, seed=seed, progress=lambda u: send(u.label, u.done, u.total)
+    )
     built = time.monotonic() - t0
-    ft = family.finetune_config.updated(**(FAST_FT if fast else FULL_FT))
-    versions = list(FAST_VERSIONS if fast else FULL_VERSIONS)
+    if unknown := [v for v in plan.versions if v not in family.versions]:
+        raise ReproduceError(f"unknown versions {unknown}; the family has {list(family.versions)}")
+    ft = family.finetune_config.updated(**plan.finetune)
+    home = plan.service / f"seed-{seed}"
     # One thread: these models are too small to gain from two, and a second thread that spin-waits
     # for a core busy with other work slowed a run tenfold.
     with torch_threads(1):
-        result = SeedExperiments(family, versions, work / f"seed-{seed}", ft, send).run()
-    result["seed"] = seed
+        work = plan.work / f"seed-{seed}"
+        result = SeedExperiments(family, list(plan.versions), work, ft, send, plan.finetune, home).run()
+    result |= {"seed": seed, "service_home": str(home), "finetune_config": ft.model_dump(mode="json")}
     result["family"] = {"root": str(family.root), "config": family.config.model_dump(mode="json")}
     result["timings"]["family_s"] = built
-    result["finetune_config"] = ft.model_dump(mode="json")
     return result
 
 
-def _run_seeds(
-    cache: Path, work: Path, fast: bool, seeds: list[int], progress: Progress | None
-) -> list[dict]:
+def _run_seeds(plan: Plan, seeds: list[int], progress: Progress | None) -> list[dict]:
     """One process per seed (at most one per core); progress updates come back through a queue."""
     cores = len(os.sched_getaffinity(0))
     if len(seeds) == 1:  # in-process: simpler to debug, and tests do not pay for a spawn
-        return [run_seed(cache, work, fast, seeds[0], _Relay(progress))]
+        return [run_seed(plan, seeds[0], _Relay(progress))]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         queue = manager.Queue()
@@ -86,7 +104,7 @@ def _run_seeds(
         drain.start()
         try:
             with ProcessPoolExecutor(max_workers=min(len(seeds), cores), mp_context=ctx) as pool:
-                futures = [pool.submit(run_seed, cache, work, fast, s, queue) for s in seeds]
+                futures = [pool.submit(run_seed, plan, s, queue) for s in seeds]
                 return [f.result() for f in futures]
         finally:
             stop.set()
@@ -120,7 +138,8 @@ def reproduce(
     out: Path,
     *,
     fast: bool = False,
-    seeds: int = 2,
+    seeds: int = 3,
+    versions: tuple[str, ...] | None = None,
     progress: Progress | None = None,
     cache: Path | None = None,
     overwrite: bool = False,
@@ -129,20 +148,25 @@ def reproduce(
     """Run the experiments for seeds 0..seeds-1 and write report.md, results.json and plots into `out`.
 
     Families are cached under `cache` (default $RECYCLER_TOY_CACHE or ~/.cache/recycler/toy). The
-    intermediate models go to a temporary folder, removed at the end unless `keep_work`.
+    release cycles' registries stay in `out`/service/seed-N; the intermediate models go to a temporary
+    folder, removed at the end unless `keep_work`. `versions` (≥ 3, oldest first) narrows the run.
     """
     from recycler.toy.report import write_report
 
     if seeds < 1:
         raise ReproduceError(f"--seeds must be at least 1, got {seeds}")
+    versions = tuple(versions or (FAST_VERSIONS if fast else FULL_VERSIONS))
+    if len(versions) < 3:
+        raise ReproduceError(f"the findings need at least 3 versions, got {list(versions)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExists(f"{out} exists and is not empty; pass --overwrite or choose another folder")
-    cache = Path(cache) if cache is not None else default_cache()
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="recycler-reproduce-"))
+    plan = Plan(Path(cache) if cache is not None else default_cache(), work, out / "service", fast, versions)
+    shutil.rmtree(plan.service, ignore_errors=True)
     try:
-        runs = _run_seeds(cache, work, fast, list(range(seeds)), progress)
+        runs = _run_seeds(plan, list(range(seeds)), progress)
         if keep_work:
             shutil.copytree(work, out / "work", dirs_exist_ok=True)
     finally:

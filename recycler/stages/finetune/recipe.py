@@ -146,8 +146,14 @@ class FinetuneRecipe:
             chosen, self.quarantined = ts.select_resume_checkpoint(self.out)
             step = int(chosen.name.split("-")[1]) if chosen else 0
         step = int(broadcast(torch.tensor([step], device=self.acc.device)).item())
-        if step == 0:
-            log.warning("no complete checkpoint under %s; starting from step 0", ts.checkpoint_root(self.out))
+        if step == 0:  # a warning only when something was there: a fresh run has nothing to resume
+            root = ts.checkpoint_root(self.out)
+            level = (
+                logging.WARNING
+                if self.quarantined or (root.is_dir() and any(root.iterdir()))
+                else logging.INFO
+            )
+            log.log(level, "no complete checkpoint under %s; starting from step 0", root)
             return None
         folder = ts.step_dir(self.out, step)
         problem = fingerprint_mismatch(ts.load_trainer_state(folder)["fingerprint"], self.fingerprint)
