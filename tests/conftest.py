@@ -34,6 +34,20 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_delta32(folder: Path) -> dict[str, torch.Tensor]:
+    """A Δ artifact as float32 tensors, decoded independently of recycler: the stored values (safetensors'
+    own loader), widened, with the residual's exceptions (`residual/*.safetensors`) scattered in."""
+    folder = Path(folder)
+    state = {k: v.float() for k, v in load_state(folder).items()}
+    for f in sorted((folder / "residual").glob("*.safetensors")):
+        r = load_file(f)
+        for key, idx in r.items():
+            if key.endswith(".__exc_idx"):
+                name = key.removesuffix(".__exc_idx")
+                state[name].view(-1)[idx.long()] = r[f"{name}.__exc_val"]
+    return state
+
+
 def grow_vocab(src: Path, out: Path, new_tokens: list[str], *, seed: int = 7) -> Path:
     """A 'newer base' whose tokenizer appends tokens (and embedding rows), lightly perturbed."""
     model = LlamaForCausalLM.from_pretrained(src)

@@ -76,9 +76,10 @@ def diff(
     dtype: Annotated[
         str,
         typer.Option(
-            help="Storage dtype of Δ: float32 (exact round trip, default), bfloat16 or float16 (half the size, lossy)."
+            help="Storage dtype of Δ: auto (the inputs' bf16/fp16, else float32), float32, bfloat16 or float16. "
+            "Always exact: what the dtype cannot hold is kept in a sparse float32 residual."
         ),
-    ] = "float32",
+    ] = "auto",
     shard_size: ShardOpt = "5GB",
     max_relative_norm: Annotated[
         float,
@@ -118,9 +119,21 @@ def diff(
             on_progress=tick,
         )
         log_json_artifact(r.manifest, "delta_manifest.json")
+    m = r.manifest
+    res, rt = m["residual"], m["roundtrip"]
     console.print(
-        f"  ‖Δ‖/‖base‖ (matrices) = {r.manifest['relative_norms']['matrices']:.4g}, {r.manifest['tensor_count']} tensors, round trip exact: {r.manifest['roundtrip']['exact']}"
+        f"  ‖Δ‖/‖base‖ (matrices) = {m['relative_norms'].get('matrices', 0.0):.4g}, {m['tensor_count']} tensors"
     )
+    console.print(
+        f"  stored as {m['dtype']} + residual: {res['exceptions']:,} exceptions "
+        f"({100 * res['exception_rate']:.3f}%), {res['roundtrip_fixes']:,} round-trip fixes"
+    )
+    unchecked = (
+        f" ({len(rt['unchecked_tensors'])} tensors of mixed/float64 dtypes unchecked)"
+        if not rt["exact"]
+        else ""
+    )
+    console.print(f"  round trip exact: {rt['exact']}{unchecked}")
     out.print(f"wrote {r.path}")
 
 
@@ -232,7 +245,7 @@ def inspect(
     )
     for role, src in (m.get("sources") or {}).items():
         t.add_row(f"source: {role}", json.dumps(src, default=str)[:200])
-    for key in ("dtype", "alpha", "vocab_size", "tied_embeddings", "roundtrip"):
+    for key in ("dtype", "alpha", "vocab_size", "tied_embeddings", "roundtrip", "residual"):
         if key in m:
             t.add_row(key, json.dumps(m[key]))
     for fam, v in (m.get("relative_norms") or {}).items():
