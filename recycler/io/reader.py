@@ -26,12 +26,15 @@ from recycler.delta.kernels import Blocks, DenseBlocks, PairBlocks, Scratch, Sto
 from recycler.delta.residual import EMPTY, ChunkResidual
 from recycler.delta.vocab import RowMap, row_runs
 from recycler.errors import InvalidCheckpoint
+from recycler.io.direct import DirectReads, open_for_reads, pread_into
 from recycler.io.safetensors import TensorEntry
+from recycler.io.writer import (
+    CHUNK_ELEMS,  # 1M elements: 2 MiB reads of bf16 (pread is fastest from ~2 MiB up)
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-CHUNK_ELEMS = 1 << 20  # 1M elements: 2 MiB reads of bf16 (pread is fastest from ~2 MiB up)
 WINDOW = 4  # chunks in flight between the compute threads and the writer
 
 
@@ -39,12 +42,14 @@ class ChunkReader:
     """Reads chunks of tensors with pread into reusable per-thread slot buffers.
 
     Resident memory is the slot buffers, whatever the checkpoint size. pread with MiB-sized blocks
-    moves page-cached data at ~5 GB/s here, where touching a memory map faults at ~1 GB/s. A view
-    returned for a slot is valid until the next read into the same slot on the same thread.
+    moves page-cached data at ~5 GB/s here, where touching a memory map faults at ~1 GB/s; bytes not in
+    the page cache are read with O_DIRECT (`recycler.io.direct.pread_into`). A view returned for a
+    slot is valid until the next read into the same slot on the same thread.
     """
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._direct = DirectReads()  # what is not in the page cache is read around it
         self._open_lock = threading.Lock()
         self._local = threading.local()  # buffers are per thread; file descriptors are shared (pread)
 
@@ -90,18 +95,15 @@ class ChunkReader:
             with self._open_lock:
                 fd = self._fds.get(entry.file)
                 if fd is None:
-                    fd = self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
-        got = 0
-        while got < len(into):
-            n = os.preadv(fd, [into[got:]], offset + got)
-            if n == 0:
-                raise InvalidCheckpoint(f"{entry.file}: file shrank while reading tensor {entry.name!r}")
-            got += n
+                    fd = self._fds[entry.file] = open_for_reads(entry.file)
+        if pread_into(fd, entry.file, offset, into, self._direct) < len(into):
+            raise InvalidCheckpoint(f"{entry.file}: file shrank while reading tensor {entry.name!r}")
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._direct.close()
 
 
 class ResidualSource(Protocol):

@@ -24,6 +24,7 @@ import numpy as np
 
 from recycler.delta.residual import EMPTY, ChunkResidual
 from recycler.errors import InvalidCheckpoint
+from recycler.io.direct import DirectReads, DirectWriter, aligned_buffer, open_for_reads, pread_into
 from recycler.io.manifest import FileDigest
 from recycler.io.reader import CHUNK_ELEMS, ChunkReader
 from recycler.io.safetensors import TensorEntry, encode_header, read_header
@@ -34,7 +35,8 @@ RESIDUAL_DIR = "residual"
 BLOCK = CHUNK_ELEMS  # the diff computes chunks of exactly this size, so a pointer entry per chunk
 KINDS = {"exc": ("idx", "val"), "rt": ("idx", "base", "tuned")}
 DTYPE_OF = {np.dtype(np.uint16): "BF16", np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}
-COPY_BLOCK = 4 << 20
+COPY_BLOCK = 1 << 20
+SPILL_STAGE = 256 << 10  # five spills per shard being written: keep their staging small
 
 
 def residual_name(shard: str) -> str:
@@ -93,7 +95,7 @@ class ResidualSpill:
         """Write `residual/<name>` from the spills (hashing it), fsync it, drop the spills."""
         spills = self._spills.pop(shard, {})
         for f in spills.values():
-            f.flush()
+            f.close(fsync=False)  # on disk (O_DIRECT): read back below around the page cache
         tensors = [
             t for t in self._tensors.pop(shard, {}).values() if t.counts["exc"][-1] or t.counts["rt"][-1]
         ]
@@ -109,32 +111,56 @@ class ResidualSpill:
                 layout.append((f"{t.name}.__{kind}_ptr", "I64", (len(t.counts[kind]),)))
         header = encode_header(layout, {"format": FORMAT, "block": str(BLOCK)})
         rel = residual_name(name)
-        h, size = hashlib.sha256(), 0
-        offsets = dict.fromkeys(spills, 0)
-        with open(self.folder / rel, "wb") as out:
-            for data in _final_bytes(header, layout, ptrs, spills, offsets):
+        h, out = hashlib.sha256(), DirectWriter(self.folder / rel, stage=COPY_BLOCK)
+        buf, direct = aligned_buffer(COPY_BLOCK), DirectReads()  # shared: the spills are read one at a time
+        readers = {k: _SpillReader(f.path, buf, direct) for k, f in spills.items()}
+        try:
+            for data in _final_bytes(header, layout, ptrs, readers):
                 out.write(data)
                 h.update(data)
-                size += len(data)
-            out.flush()
-            os.fsync(out.fileno())
-        for f in spills.values():
-            f.close()
-            os.unlink(f.name)
-        return {rel: FileDigest(h.hexdigest(), size)}
+            out.close()
+        except BaseException:
+            out.abort()
+            raise
+        finally:
+            for r in readers.values():
+                r.close()
+            direct.close()
+        return {rel: FileDigest(h.hexdigest(), out.size)}
 
     @property
     def totals(self) -> dict[str, int]:
         return {k: sum(t[k] for t in self._totals.values()) for k in KINDS}
 
-    def _spill(self, shard: int, array: str):
+    def _spill(self, shard: int, array: str) -> DirectWriter:
         spills = self._spills.setdefault(shard, {})
         if array not in spills:
-            spills[array] = open(self.folder / RESIDUAL_DIR / f".spill-{shard}-{array}", "w+b")  # noqa: SIM115
+            spills[array] = DirectWriter(
+                self.folder / RESIDUAL_DIR / f".spill-{shard}-{array}", stage=SPILL_STAGE
+            )
         return spills[array]
 
 
-def _final_bytes(header, layout, ptrs, spills, offsets):
+class _SpillReader:
+    """Reads a spill file back in order, then deletes it."""
+
+    def __init__(self, path: Path, buf: np.ndarray, direct: DirectReads):
+        self.path, self.offset, self.fd, self.direct, self.buf = path, 0, open_for_reads(path), direct, buf
+
+    def read(self, nbytes: int) -> memoryview:
+        into = memoryview(self.buf)[: min(nbytes, COPY_BLOCK)]
+        n = pread_into(self.fd, self.path, self.offset, into, self.direct)
+        if n < len(into):
+            raise OSError(f"residual spill {self.path} is shorter than expected")
+        self.offset += n
+        return into
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.unlink(self.path)
+
+
+def _final_bytes(header, layout, ptrs, readers):
     """The residual file's bytes in order: header, then each array (copied from its spill)."""
     yield header
     for tname, dtype, shape in layout:
@@ -142,13 +168,9 @@ def _final_bytes(header, layout, ptrs, spills, offsets):
         if suffix.endswith("_ptr"):
             yield ptrs[tname].tobytes()
             continue
-        f = spills[suffix]
         left = shape[0] * np.dtype(_NP[dtype]).itemsize
         while left:
-            data = os.pread(f.fileno(), min(left, COPY_BLOCK), offsets[suffix])
-            if not data:
-                raise OSError(f"residual spill {f.name} is shorter than expected")
-            offsets[suffix] += len(data)
+            data = readers[suffix].read(left)
             left -= len(data)
             yield data
 

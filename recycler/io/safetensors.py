@@ -160,8 +160,11 @@ def _check_coverage(path: Path, entries, data_start: int, size: int) -> None:
         raise InvalidCheckpoint(f"{path}: data region does not match the file size ({what})")
 
 
-def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
-    """Header bytes (length prefix + JSON, padded to 8 bytes) for tensors laid out in the given order."""
+def encode_header(
+    tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str], *, align: int = 8
+) -> bytes:
+    """Header bytes (length prefix + JSON, space-padded so the data starts at a multiple of `align`,
+    at least 8 as the format asks) for tensors laid out in the given order."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape in tensors:
@@ -169,5 +172,5 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dic
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(8 + len(raw)) % max(align, 8))
     return struct.pack("<Q", len(raw)) + raw
