@@ -76,9 +76,10 @@ def diff_chunk(
         d = out[s:e] if store == "F32" else sc.d[:k]
         with np.errstate(over="ignore", invalid="ignore"):
             np.subtract(f, b, out=d)
-        dd, bb = float(np.dot(d, d)), float(np.dot(b, b))
-        if not (np.isfinite(dd) and np.isfinite(bb)):
+            dd, bb = float(np.dot(d, d)), float(np.dot(b, b))
+        if not (np.isfinite(dd) and np.isfinite(bb)):  # NaN/Inf somewhere, or only a Σ that overflowed
             _refuse_nonfinite(("base", b), ("fine-tuned", f), ("Δ (overflows float32)", d))
+            dd, bb = _sumsq(d), _sumsq(b)
         sd, sb = sd + dd, sb + bb
         exc_idx, exc_val = (
             _store(d, out[s:e], store, sc) if store != "F32" else (EMPTY.exc_idx, EMPTY.exc_val)
@@ -249,17 +250,26 @@ def apply_chunk(
 def _check_result(r: np.ndarray, dtype: str, t: np.ndarray, w: np.ndarray) -> None:
     """Refuse NaN/Inf in the target or Δ and results that overflow the output dtype.
 
-    Σr² is non-finite as soon as one |r| ≥ 1.8e19, far below bf16's and float32's overflow, so for
-    those a finite dot proves the block safe. float16 overflows at 65520: check the extremes.
+    Fast path: Σr² is finite only if every |r| < 1.8e19, far below the bf16 and float32 overflow.
+    Otherwise (or for float16, which overflows at 65520) the extremes decide, exactly.
     """
-    if dtype == "F16":
-        lo, hi = float(r.min()), float(r.max())
-        ok = np.isfinite(lo) and np.isfinite(hi) and max(-lo, hi) < OVERFLOW_AT["F16"]
-    else:
-        ok = bool(np.isfinite(np.dot(r, r)))
-    if not ok:
-        _refuse_nonfinite(("target", t), ("Δ", w))
+    with np.errstate(over="ignore", invalid="ignore"):
+        if dtype != "F16" and np.isfinite(np.dot(r, r)):
+            return
+    _refuse_nonfinite(("target", t), ("Δ", w))
+    lo, hi = float(r.min()), float(r.max())
+    if not (np.isfinite(lo) and np.isfinite(hi) and max(-lo, hi) < OVERFLOW_AT.get(dtype, float("inf"))):
         raise NonFiniteChunk(f"target + α·Δ in {dtype}", 0)
+
+
+def _sumsq(x: np.ndarray) -> float:
+    """Σx² (float32 dot, 0.07 ns/element); in float64 when float32 overflows (|x| ≳ 1.8e19)."""
+    with np.errstate(over="ignore"):
+        s = float(np.dot(x, x))
+    if not np.isfinite(s):
+        x64 = x.astype(np.float64)
+        s = float(np.dot(x64, x64))
+    return s
 
 
 def _refuse_nonfinite(*arrays: tuple[str, np.ndarray]) -> None:
