@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +15,13 @@ from recycler.cli.common import OutOpt, OverwriteOpt, QuietOpt, ShardOpt, TrackO
 from recycler.errors import RecyclerError
 
 app = typer.Typer()  # commands are registered on the main app by `register`
+
+
+def _engine_threads() -> None:
+    """The engine parallelises across chunks (one numpy call per core at a time): OpenBLAS's own
+    threads (np.dot) would only oversubscribe the cores. Effective if numpy is not imported yet."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _policy(
@@ -99,6 +108,7 @@ def diff(
     track: TrackOpt = None,
 ) -> None:
     """Extract Δ = TUNED − BASE into a verifiable Δ artifact (sharded safetensors + manifest)."""
+    _engine_threads()
     from recycler.io.checkpoint import open_checkpoint
     from recycler.io.writer import parse_size
     from recycler.registry.runs import log_json_artifact, maybe_track
@@ -155,6 +165,7 @@ def apply(
     track: TrackOpt = None,
 ) -> None:
     """Write TARGET + α·Δ as a checkpoint that loads with AutoModelForCausalLM.from_pretrained."""
+    _engine_threads()
     from recycler.stages.apply import apply_diff
 
     policy = _policy(alpha, include, exclude, only_in_delta, vocab, tokenizer_from)
@@ -188,6 +199,7 @@ def recycle(
     track: TrackOpt = None,
 ) -> None:
     """Write TARGET + α·(TUNED − BASE) in one streaming pass, without storing Δ."""
+    _engine_threads()
     from recycler.stages.apply import recycle as run
 
     policy = _policy(alpha, include, exclude, only_in_delta, vocab, tokenizer_from)
