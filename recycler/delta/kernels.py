@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from recycler.delta.bits import OVERFLOW_AT, bits, narrow, round_sparse, widen
-from recycler.delta.residual import EMPTY, ChunkResidual, join
+from recycler.delta.residual import EMPTY, ChunkResidual
 
 BLOCK = 1 << 16
 EXACT_DTYPES = ("BF16", "F16", "F32")  # dtypes whose round trip through the residual is exact
@@ -64,36 +64,53 @@ def roundtrip_checked(base_dtype: str, tuned_dtype: str) -> bool:
 def diff_chunk(
     base: np.ndarray, bdt: str, tuned: np.ndarray, tdt: str, out: np.ndarray, store: str, sc: Scratch
 ) -> DiffChunk:
-    """Fill `out` (store dtype carrier) with the stored Δ of one chunk; return its residual and norms."""
+    """Fill `out` (store dtype carrier) with the stored Δ of one chunk; return its residual and norms.
+
+    Dense work per block (L2-resident); the sparse work (rounding the exceptions, checking the
+    round-trip candidates exactly) once per chunk, where a few numpy calls cover every block.
+    """
     check_rt = roundtrip_checked(bdt, tdt)
-    parts: list[tuple[int, ChunkResidual]] = []
+    exc_i, exc_v, rt_i, rt_y = [], [], [], []
     sd = sb = 0.0
-    for s in range(0, len(base), sc.block):
-        e = min(s + sc.block, len(base))
-        k = e - s
-        f = widen(tuned[s:e], tdt, sc.a[:k])
-        b = widen(base[s:e], bdt, sc.b[:k])
-        d = out[s:e] if store == "F32" else sc.d[:k]
-        with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s in range(0, len(base), sc.block):
+            e = min(s + sc.block, len(base))
+            k = e - s
+            f = widen(tuned[s:e], tdt, sc.a[:k])
+            b = widen(base[s:e], bdt, sc.b[:k])
+            d = out[s:e] if store == "F32" else sc.d[:k]
             np.subtract(f, b, out=d)
             dd, bb = float(np.dot(d, d)), float(np.dot(b, b))
-        if not (np.isfinite(dd) and np.isfinite(bb)):  # NaN/Inf somewhere, or only a Σ that overflowed
-            _refuse_nonfinite(("base", b), ("fine-tuned", f), ("Δ (overflows float32)", d))
-            dd, bb = _sumsq(d), _sumsq(b)
-        sd, sb = sd + dd, sb + bb
-        exc_idx, exc_val = (
-            _store(d, out[s:e], store, sc) if store != "F32" else (EMPTY.exc_idx, EMPTY.exc_val)
-        )
-        rt = _roundtrip_failures(b, d, f, base[s:e], tuned[s:e], bdt, sc) if check_rt else None
-        if len(exc_idx) or rt is not None:
-            parts.append(
-                (s, ChunkResidual(exc_idx, exc_val, *(rt or (EMPTY.rt_idx, EMPTY.rt_base, EMPTY.rt_tuned))))
-            )
-    return DiffChunk(join(parts), sd, sb)
+            if not (np.isfinite(dd) and np.isfinite(bb)):  # NaN/Inf somewhere, or only a Σ that overflowed
+                _refuse_nonfinite(("base", b), ("fine-tuned", f), ("Δ (overflows float32)", d))
+                dd, bb = _sumsq(d), _sumsq(b)
+            sd, sb = sd + dd, sb + bb
+            if store != "F32" and len(idx := _exceptions(d, out[s:e], store, sc)):
+                exc_i.append(idx + s)
+                exc_v.append(d[idx])
+            if check_rt and len(idx := _roundtrip_candidates(b, d, f, sc)):
+                rt_i.append(idx + s)
+                rt_y.append(sc.y[idx])
+    exc_idx, exc_val = _cat(exc_i, EMPTY.exc_idx), _cat(exc_v, EMPTY.exc_val)
+    if len(exc_idx):
+        out[exc_idx] = round_sparse(exc_val, store, saturate=True)
+    rt_idx = _cat(rt_i, EMPTY.rt_idx)
+    if len(rt_idx):  # exactly: rounded to the dtype, is float32(m) + d32 not m′?
+        rt_idx = rt_idx[bits(round_sparse(_cat(rt_y, EMPTY.exc_val), bdt)) != bits(tuned[rt_idx])]
+    rt = (
+        (rt_idx, base[rt_idx], tuned[rt_idx])
+        if len(rt_idx)
+        else (EMPTY.rt_idx, EMPTY.rt_base, EMPTY.rt_tuned)
+    )
+    return DiffChunk(ChunkResidual(exc_idx, exc_val, *rt), sd, sb)
 
 
-def _store(d: np.ndarray, o: np.ndarray, store: str, sc: Scratch) -> tuple[np.ndarray, np.ndarray]:
-    """Round d32 to the store dtype into `o`; return the exceptions (index, d32) it could not hold."""
+def _cat(arrays: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
+    return np.concatenate(arrays) if len(arrays) > 1 else arrays[0] if arrays else empty
+
+
+def _exceptions(d: np.ndarray, o: np.ndarray, store: str, sc: Scratch) -> np.ndarray:
+    """Round d32 to the store dtype into `o`; return where it could not hold d32 (rounded later)."""
     k = len(d)
     m = sc.m[:k]
     if store == "BF16":
@@ -103,38 +120,19 @@ def _store(d: np.ndarray, o: np.ndarray, store: str, sc: Scratch) -> tuple[np.nd
         np.bitwise_and(d.view(np.uint32), 0xFFFF, out=sc.u[:k])
         np.not_equal(sc.u[:k], 0, out=m)
     else:
-        with np.errstate(over="ignore"):
-            np.copyto(o, d, casting="unsafe")
-        back = widen(o, store, sc.y[:k])
-        np.not_equal(bits(back), bits(d), out=m)
-    idx = np.flatnonzero(m)
-    if not len(idx):
-        return EMPTY.exc_idx, EMPTY.exc_val
-    val = d[idx]
-    o[idx] = round_sparse(val, store, saturate=True)
-    return idx, val
+        np.copyto(o, d, casting="unsafe")
+        np.not_equal(bits(widen(o, store, sc.y[:k])), bits(d), out=m)
+    return np.flatnonzero(m)
 
 
-def _roundtrip_failures(
-    b: np.ndarray, d: np.ndarray, f: np.ndarray, base: np.ndarray, tuned: np.ndarray, dtype: str, sc: Scratch
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Elements where narrow(float32(m) + d32) ≠ m′ bitwise, with m and m′ (None when there are none).
-
-    Cheap filter first: float32(m) + d32 against float32(m′), bitwise (so a −0 that comes back +0
-    counts); then the few candidates are rounded to the dtype and compared exactly.
-    """
+def _roundtrip_candidates(b: np.ndarray, d: np.ndarray, f: np.ndarray, sc: Scratch) -> np.ndarray:
+    """Where float32(m) + d32 is not float32(m′) bit for bit (so a −0 that comes back +0 counts):
+    a superset of the round-trip failures, left in sc.y for the exact check."""
     k = len(b)
-    y = sc.y[:k]
-    with np.errstate(over="ignore", invalid="ignore"):
-        np.add(b, d, out=y)
-    m = sc.m[:k]
+    y, m = sc.y[:k], sc.m[:k]
+    np.add(b, d, out=y)
     np.not_equal(bits(y), bits(f), out=m)
-    if not m.any():
-        return None
-    idx = np.flatnonzero(m)
-    fails = bits(round_sparse(y[idx], dtype)) != bits(tuned[idx])
-    idx = idx[fails]
-    return (idx, base[idx], tuned[idx]) if len(idx) else None
+    return np.flatnonzero(m) if m.any() else EMPTY.rt_idx
 
 
 # ---- apply -----------------------------------------------------------------------------------------
@@ -176,8 +174,7 @@ class PairBlocks:
     def fill(self, s: int, e: int, w: np.ndarray, sc: Scratch) -> np.ndarray:
         f = widen(self.tuned[s:e], self.tdt, w)
         b = widen(self.base[s:e], self.bdt, sc.b[: e - s])
-        with np.errstate(over="ignore", invalid="ignore"):
-            np.subtract(f, b, out=w)
+        np.subtract(f, b, out=w)
         return w
 
     def fix_roundtrip(self, target: np.ndarray, dtype: str, out: np.ndarray, sc: Scratch) -> None:
@@ -226,13 +223,13 @@ def apply_chunk(
     Raises NonFiniteChunk naming the target, the Δ or the result.
     """
     a32 = np.float32(alpha)
-    for s in range(0, len(target), sc.block):
-        e = min(s + sc.block, len(target))
-        k = e - s
-        t = widen(target[s:e], dtype, sc.a[:k])
-        w = delta.fill(s, e, sc.d[:k], sc)
-        r = out[s:e] if dtype == "F32" else sc.y[:k]
-        with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s in range(0, len(target), sc.block):
+            e = min(s + sc.block, len(target))
+            k = e - s
+            t = widen(target[s:e], dtype, sc.a[:k])
+            w = delta.fill(s, e, sc.d[:k], sc)
+            r = out[s:e] if dtype == "F32" else sc.y[:k]
             if alpha == 1.0:
                 np.add(t, w, out=r)
             elif alpha == -1.0:
@@ -240,9 +237,9 @@ def apply_chunk(
             else:  # α·Δ rounded to float32, then the sum rounded to float32 (two steps, as written)
                 np.multiply(w, a32, out=r)
                 np.add(t, r, out=r)
-        _check_result(r, dtype, t, w)
-        if dtype != "F32":
-            narrow(r, dtype, out[s:e], sc.u[:k])
+            _check_result(r, dtype, t, w)
+            if dtype != "F32":
+                narrow(r, dtype, out[s:e], sc.u[:k])
     if exact_roundtrip:
         delta.fix_roundtrip(target, dtype, out, sc)
 
@@ -253,9 +250,8 @@ def _check_result(r: np.ndarray, dtype: str, t: np.ndarray, w: np.ndarray) -> No
     Fast path: Σr² is finite only if every |r| < 1.8e19, far below the bf16 and float32 overflow.
     Otherwise (or for float16, which overflows at 65520) the extremes decide, exactly.
     """
-    with np.errstate(over="ignore", invalid="ignore"):
-        if dtype != "F16" and np.isfinite(np.dot(r, r)):
-            return
+    if dtype != "F16" and np.isfinite(np.dot(r, r)):
+        return
     _refuse_nonfinite(("target", t), ("Δ", w))
     lo, hi = float(r.min()), float(r.max())
     if not (np.isfinite(lo) and np.isfinite(hi) and max(-lo, hi) < OVERFLOW_AT.get(dtype, float("inf"))):

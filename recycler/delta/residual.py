@@ -62,27 +62,3 @@ class ChunkResidual:
 
 
 EMPTY = ChunkResidual()
-
-
-def join(parts: list[tuple[int, ChunkResidual]]) -> ChunkResidual:
-    """One residual from block residuals, each given with its block's offset in the chunk."""
-    parts = [(s, p) for s, p in parts if p.exceptions or p.roundtrip_fixes]
-    if not parts:
-        return EMPTY
-    if len(parts) == 1 and parts[0][0] == 0:
-        return parts[0][1]
-
-    def cat(field: str, shift: bool) -> np.ndarray:
-        # empty parts are left out: their placeholder dtype would promote the others (uint16 → int64)
-        arrays = [
-            getattr(p, field) + s if shift else getattr(p, field) for s, p in parts if len(getattr(p, field))
-        ]
-        return np.concatenate(arrays) if arrays else getattr(EMPTY, field)
-
-    return ChunkResidual(
-        cat("exc_idx", True),
-        cat("exc_val", False),
-        cat("rt_idx", True),
-        cat("rt_base", False),
-        cat("rt_tuned", False),
-    )

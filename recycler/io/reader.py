@@ -26,7 +26,7 @@ from recycler.delta.kernels import Blocks, DenseBlocks, PairBlocks, Scratch, Sto
 from recycler.delta.residual import EMPTY, ChunkResidual
 from recycler.delta.vocab import RowMap, row_runs
 from recycler.errors import InvalidCheckpoint
-from recycler.io.direct import DirectReads, open_for_reads, pread_into
+from recycler.io.direct import DirectReads, aligned_buffer, open_for_reads, pread_into
 from recycler.io.safetensors import TensorEntry
 from recycler.io.writer import (
     CHUNK_ELEMS,  # 1M elements: 2 MiB reads of bf16 (pread is fastest from ~2 MiB up)
@@ -59,7 +59,8 @@ class ChunkReader:
         key = (slot, np.dtype(dtype))
         buf = bufs.get(key)
         if buf is None or len(buf) < count:
-            buf = bufs[key] = np.empty(max(count, CHUNK_ELEMS), dtype=dtype)
+            n = max(count, CHUNK_ELEMS)  # page-aligned, so O_DIRECT reads land in it without a copy
+            buf = bufs[key] = aligned_buffer(n * np.dtype(dtype).itemsize).view(dtype)
         return buf[:count]
 
     def kernels(self) -> Scratch:
