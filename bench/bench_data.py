@@ -32,8 +32,9 @@ def shape_for(size_gb: float) -> dict:
     return SMALL | {"layers": max(1, round((size_gb * 1e9 - 2 * VOCAB * h * 2) / per_layer))}
 
 
-def build(root: Path, size_gb: float) -> dict[str, Path]:
-    """Three checkpoints (m_s, m′_s, m_t) of ≈ size_gb each, cached across runs."""
+def build(root: Path, size_gb: float, ft_noise: float = 2e-3) -> dict[str, Path]:
+    """Three checkpoints (m_s, m′_s, m_t) of ≈ size_gb each, cached across runs. `ft_noise` sets
+    the size of the fine-tune (2e-3: ‖Δ‖/‖m‖ ≈ 0.1, the default; 2e-4 ≈ 0.01, a gentler one)."""
     s = shape_for(size_gb)
     shapes = llama_shapes(s["hidden"], s["intermediate"], s["layers"], VOCAB, kv_heads_ratio=s["kv_ratio"])
     config = tiny_llama_config(VOCAB, hidden=s["hidden"], layers=s["layers"]).to_dict() | {
@@ -43,7 +44,7 @@ def build(root: Path, size_gb: float) -> dict[str, Path]:
         "num_key_value_heads": s["heads"] // s["kv_ratio"],
         "torch_dtype": "bfloat16",
     }
-    folder = root / f"{size_gb:g}gb"
+    folder = root / (f"{size_gb:g}gb" if ft_noise == 2e-3 else f"{size_gb:g}gb-ft{ft_noise:g}")
     paths = {k: folder / k for k in ("ms", "ft", "mt")}
     if not all((p / "config.json").exists() for p in paths.values()):
         shutil.rmtree(folder, ignore_errors=True)
@@ -88,22 +89,24 @@ def _get(ix: dict[str, Path], name: str) -> torch.Tensor:
         return h.get_tensor(name)
 
 
-def mismatches(out: Path, paths: dict[str, Path]) -> tuple[int, int]:
-    """(elements ≠ the exact result, total), streamed tensor by tensor. The exact result is
+def mismatches(out: Path, paths: dict[str, Path]) -> tuple[int, int, int]:
+    """(elements ≠ the exact result, ≠ the plain float32 formula, total), tensor by tensor. The exact result is
     bf16(fp32(m_t) + (fp32(m′_s) − fp32(m_s))), and m′_s where m_t equals m_s bit for bit (there
     m_t + (m′_s − m_s) is m′_s exactly; it differs from the float32 formula only where that formula's
     rounding loses the round trip)."""
     ims, ift, imt, iout = (_index(paths["ms"]), _index(paths["ft"]), _index(paths["mt"]), _index(out))
-    bad = total = 0
+    bad = plain_bad = total = 0
     for name in imt:
         t, m, mp = _get(imt, name), _get(ims, name), _get(ift, name)
-        want = (t.float() + (mp.float() - m.float())).to(t.dtype)
+        plain = (t.float() + (mp.float() - m.float())).to(t.dtype)
+        want = plain.clone()
         same = t.view(torch.int16) == m.view(torch.int16)
         want[same] = mp[same]
-        got = _get(iout, name)
-        bad += int((got.view(torch.int16) != want.view(torch.int16)).sum())
+        got = _get(iout, name).view(torch.int16)
+        bad += int((got != want.view(torch.int16)).sum())
+        plain_bad += int((got != plain.view(torch.int16)).sum())
         total += want.numel()
-    return bad, total
+    return bad, plain_bad, total
 
 
 def bytes_of(d: Path) -> int:

@@ -74,3 +74,10 @@ def test_widen_f16_and_f64_match_torch():
     )
     d = np.random.default_rng(1).standard_normal(10_000) * 1e3
     assert np.array_equal(widen(d, "F64", np.empty(len(d), np.float32)), torch.from_numpy(d).float().numpy())
+
+
+def test_nan_never_rounds_to_a_number():
+    """0x7FFFFFFF + rounding would carry into the sign bit (−0): every NaN becomes 0xFFFF, as in torch."""
+    nans = np.uint32([0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0xFFC00001]).view(np.float32)
+    assert np.all(round_sparse(nans, "BF16") == 0xFFFF)
+    assert np.array_equal(round_sparse(nans, "BF16"), as_numpy(torch.from_numpy(nans).to(torch.bfloat16)))

@@ -116,7 +116,7 @@ def _exceptions(d: np.ndarray, o: np.ndarray, store: str, sc: Scratch) -> np.nda
     if store == "BF16":
         # bf16 is the high half: it holds d32 exactly iff the low half is zero, and then truncation
         # is the rounding. Only the exceptions need a real RNE (and saturation).
-        np.copyto(o, d.view(np.uint16)[1::2])
+        np.right_shift(d.view(np.uint32), 16, out=o, casting="unsafe")
         np.bitwise_and(d.view(np.uint32), 0xFFFF, out=sc.u[:k])
         np.not_equal(sc.u[:k], 0, out=m)
     else:

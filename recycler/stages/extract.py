@@ -94,7 +94,7 @@ def diff_checkpoints(
             except BaseException:
                 writer.abort()
                 raise
-        norms = _relative_norms(totals, base)
+        norms = _relative_norms(totals, base, names)
         # Judge relatedness on weight matrices: norm/bias vectors (≈1 and ≈0) would dilute or inflate it.
         total = norms.get("matrices", norms.get("total", 0.0))
         if total > max_relative_norm:
@@ -103,42 +103,53 @@ def diff_checkpoints(
                 f"of {base.path}); pass --max-relative-norm to override"
             )
         _copy_side_files(base, tuned, tmp)
-        unchecked = [n for n in names if not roundtrip_checked(base.tensors[n].dtype, tuned.tensors[n].dtype)]
-        stored = sorted({t.dtype for t in plan})
-        elements = sum(base.tensors[n].numel for n in names)
-        residual = describe(spill, elements) | {
-            "files": sorted(k for k in digests if k.startswith("residual/"))
-        }
+        residual = describe(spill, sum(base.tensors[n].numel for n in names))
+        residual["files"] = sorted(k for k in digests if k.startswith("residual/"))
         body = {
             "kind": "diff",
-            "dtype": DTYPE_LABELS[stored[0]] if len(stored) == 1 else "mixed",
-            "tensor_count": len(names),
-            "skipped_non_float": skipped,
+            **_contents(base, tuned, plan, skipped),
             "sources": {
                 "base": _source(base, base_id, hash_inputs),
                 "tuned": _source(tuned, tuned_id, hash_inputs),
             },
-            "vocab_size": tuned.vocab_size,
-            "tied_embeddings": tuned.tied_embeddings,
-            "tokenizer_fingerprint": tokenizer_fingerprint(load_vocab(tuned.path)),
-            "base_tokenizer_fingerprint": tokenizer_fingerprint(load_vocab(base.path)),
             "relative_norms": norms,
             "residual": residual,
-            "roundtrip": {
-                "exact": not unchecked,
-                "mismatched_elements": 0,
-                "fixed_elements": residual["roundtrip_fixes"],
-                "unchecked_tensors": unchecked,
-            },
+            "roundtrip": _roundtrip(base, tuned, names, residual),
         }
         manifest = write_manifest(tmp, body, dict(digests))
     return DiffResult(Path(out), manifest)
 
 
-def _relative_norms(totals: DiffTotals, base: Checkpoint) -> dict[str, float]:
-    """‖Δ‖/‖base‖ per tensor family, over all tensors and over matrices; summed in tensor order."""
+def _contents(base: Checkpoint, tuned: Checkpoint, plan: list[PlannedTensor], skipped: list[str]) -> dict:
+    stored = sorted({t.dtype for t in plan})
+    return {
+        "dtype": DTYPE_LABELS[stored[0]] if len(stored) == 1 else "mixed",
+        "tensor_count": len(plan),
+        "skipped_non_float": skipped,
+        "vocab_size": tuned.vocab_size,
+        "tied_embeddings": tuned.tied_embeddings,
+        "tokenizer_fingerprint": tokenizer_fingerprint(load_vocab(tuned.path)),
+        "base_tokenizer_fingerprint": tokenizer_fingerprint(load_vocab(base.path)),
+    }
+
+
+def _roundtrip(base: Checkpoint, tuned: Checkpoint, names: list[str], residual: dict) -> dict:
+    """The round trip is exact for every tensor the residual could check (one 16/32-bit float dtype)."""
+    unchecked = [n for n in names if not roundtrip_checked(base.tensors[n].dtype, tuned.tensors[n].dtype)]
+    return {
+        "exact": not unchecked,
+        "mismatched_elements": 0,
+        "fixed_elements": residual["roundtrip_fixes"],
+        "unchecked_tensors": unchecked,
+    }
+
+
+def _relative_norms(totals: DiffTotals, base: Checkpoint, names: list[str]) -> dict[str, float]:
+    """‖Δ‖/‖base‖ per tensor family, over all tensors and over matrices; summed in plan order (not in
+    the order chunks arrived, which depends on the number of lanes), so the bytes never change."""
     sq: dict[str, dict[str, float]] = {"delta": defaultdict(float), "base": defaultdict(float)}
-    for name, (sd, sb) in totals.sumsq.items():
+    for name in names:
+        sd, sb = totals.sumsq.get(name, (0.0, 0.0))
         keys = (tensor_family(name), "total") + (("matrices",) if len(base.tensors[name].shape) >= 2 else ())
         for key in keys:
             sq["delta"][key] += sd
