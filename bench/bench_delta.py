@@ -1,16 +1,21 @@
 """Benchmark the recycling job m_t + (m′_s − m_s) on synthetic bf16 Llama-shaped checkpoints.
 
-Side by side, each in a fresh subprocess (wall time and peak RSS from wait4), inputs page-cached:
-  floor      read the three inputs and write one output with plain file I/O (the physical floor)
-  recycler   `recycler recycle` (one streaming pass, Δ not stored)
-  diff+apply `recycler diff` then `recycler apply` (Δ stored as a float32 artifact)
-  naive      load the three state dicts fully, compute in float32, save
-  mergekit   task_arithmetic with base m_s, models m_t and m′_s at weight 1 (when installed)
-Every output is compared with the exact result bf16(float32(m_t) + float32(m′_s) − float32(m_s)).
+Side by side, in one run, each method a fresh subprocess (wall time, CPU time and peak RSS from wait4),
+inputs page-cached where they fit in memory:
+  floor          read the three inputs and write one output with plain buffered file I/O (no fsync)
+  floor-direct   the same, the output written with O_DIRECT (what the disk itself allows here)
+  recycler       `recycler recycle` (one streaming pass, Δ not stored)
+  diff+apply     `recycler diff` then `recycler apply`: the release cycle's path through a stored Δ
+                 (default storage: bf16 + residual); diff+apply-f32 stores Δ in float32 instead
+  naive          load the three state dicts fully, compute in float32, save (not at scale: 40 GB RAM)
+  mergekit       task_arithmetic, base m_s, models m_t and m′_s at weight 1 (bf16; -fp32: exact)
+  … (before)     with --before SRC: the same recycler commands run from another checkout (the old engine)
+Every output is compared with the exact result (bench_data.mismatches).
 
-    python bench/bench_delta.py                    # 1 GB and 2 GB checkpoints
-    python bench/bench_delta.py --sizes 4 --skip naive
-Set MERGEKIT_YAML to the `mergekit-yaml` executable (default: /work/bench-env/bin/mergekit-yaml or PATH).
+    python bench/bench_delta.py                       # 1 GB and 2 GB, 3 repetitions (medians)
+    python bench/bench_delta.py --sizes 13.5          # the 7B-shaped scale run (cleans up after itself)
+    python bench/bench_delta.py --before /tmp/engine-before --repeat 1
+Set MERGEKIT_YAML to `mergekit-yaml` (default: /work/bench-env/bin/mergekit-yaml or PATH).
 """
 
 from __future__ import annotations
@@ -23,11 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from safetensors import safe_open
-
-from recycler.toy.tiny import build_synthetic_checkpoint, llama_shapes, tiny_llama_config
-
-HIDDEN, INTER, VOCAB = 2048, 5632, 32000
+from bench_data import build, bytes_of, folder_bytes, mismatches, summary
 
 FLOOR = r"""
 import sys, shutil
@@ -41,6 +42,28 @@ for d in (ms, ft):
                 pass
 for f in sorted(mt.glob("*.safetensors")):
     shutil.copyfile(f, out / f.name)
+"""
+
+FLOOR_DIRECT = r"""
+import mmap, os, sys
+from pathlib import Path
+ms, ft, mt, out = map(Path, sys.argv[1:5])
+out.mkdir()
+buf = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT wants
+for d in (ms, ft):
+    for f in sorted(d.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as h:
+            while h.readinto(buf):
+                pass
+for f in sorted(mt.glob("*.safetensors")):
+    size = f.stat().st_size
+    with open(f, "rb", buffering=0) as h:
+        fd = os.open(out / f.name, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+        while n := h.readinto(buf):
+            os.write(fd, memoryview(buf)[: -(-n // 4096) * 4096])
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+        os.close(fd)
 """
 
 NAIVE = r"""
@@ -62,80 +85,36 @@ for shard in sorted(set(wm.values())):
 (out / "model.safetensors.index.json").write_text((mt / "model.safetensors.index.json").read_text())
 """
 
-
-def build(root: Path, size_gb: float) -> dict[str, Path]:
-    """Three checkpoints of ≈ size_gb each (cached across runs)."""
-    per_layer = (2 * HIDDEN * HIDDEN + 2 * HIDDEN * HIDDEN // 4 + 3 * HIDDEN * INTER) * 2
-    layers = max(1, round((size_gb * 1e9 - 2 * VOCAB * HIDDEN * 2) / per_layer))
-    shapes = llama_shapes(HIDDEN, INTER, layers, VOCAB)
-    config = tiny_llama_config(VOCAB, hidden=HIDDEN, layers=layers).to_dict()
-    config |= {
-        "architectures": ["LlamaForCausalLM"],
-        "intermediate_size": INTER,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 4,
-        "torch_dtype": "bfloat16",
-    }
-    folder = root / f"{size_gb:g}gb"
-    paths = {k: folder / k for k in ("ms", "ft", "mt")}
-    if not all((p / "config.json").exists() for p in paths.values()):
-        shutil.rmtree(folder, ignore_errors=True)
-        print(f"building three {size_gb:g} GB checkpoints ({layers} layers) in {folder} …", flush=True)
-        build_synthetic_checkpoint(paths["ms"], shapes, seed=0, config=config)
-        build_synthetic_checkpoint(
-            paths["ft"],
-            shapes,
-            seed=1,
-            like=paths["ms"],
-            noise=2e-3,
-            config=config,
-            max_shard_bytes=384 << 20,
-        )
-        build_synthetic_checkpoint(
-            paths["mt"],
-            shapes,
-            seed=2,
-            like=paths["ms"],
-            noise=5e-3,
-            config=config,
-            max_shard_bytes=640 << 20,
-        )
-    for p in paths.values():  # configs are cheap to refresh; the weights are cached
-        (p / "config.json").write_text(json.dumps(config, indent=1))
-    return paths
-
-
-# A small launcher measures the command: a child forked straight from this (large) process would
+# A minimal launcher measures each command: a child forked straight from this (large) process would
 # report our own resident memory as its peak, since Linux counts the pre-exec image in ru_maxrss.
 LAUNCH = (
     "import os, sys, time; t = time.perf_counter(); pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ);"
     " _, st, ru = os.wait4(pid, 0);"
-    " print('MEASURED', time.perf_counter() - t, ru.ru_maxrss, os.waitstatus_to_exitcode(st), file=sys.stderr)"
+    " print('MEASURED', time.perf_counter() - t, ru.ru_maxrss, os.waitstatus_to_exitcode(st),"
+    " ru.ru_utime + ru.ru_stime, file=sys.stderr)"
 )
 
 
-def run(cmd: list[str]) -> dict:
-    """Wall time and peak RSS of one command, measured by a minimal launcher process.
-
-    Dirty pages left by the previous method are flushed first: recycler fsyncs its output and would
-    otherwise also pay for writing back whatever ran before it (30 s instead of 5 s, seen here).
-    """
+def run(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall time, CPU time (user + system) and peak RSS of one command, after flushing dirty pages
+    (recycler fsyncs its output and would otherwise also pay for what ran before it)."""
     os.sync()
     proc = subprocess.run(
         [sys.executable, "-S", "-c", LAUNCH, *cmd],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     line = [x for x in proc.stderr.splitlines() if x.startswith("MEASURED")]
     if not line or line[-1].split()[3] != "0":
         raise RuntimeError(f"{cmd[:4]} failed:\n{proc.stderr[-3000:]}")
-    _, wall, rss_kb, _ = line[-1].split()
-    return {"wall_s": float(wall), "peak_rss_gb": int(rss_kb) * 1024 / 1e9}
+    _, wall, rss_kb, _, cpu = line[-1].split()
+    return {"wall_s": float(wall), "cpu_s": float(cpu), "peak_rss_gb": int(rss_kb) * 1024 / 1e9}
 
 
 def mergekit_cmd(paths: dict[str, Path], out: Path, work: Path, exact: bool) -> list[str] | None:
-    """mergekit 0.1.5 task_arithmetic: base m_s, models m_t and m′_s at weight 1, no normalisation.
+    """mergekit task_arithmetic: base m_s, models m_t and m′_s at weight 1, no normalisation.
 
     `exact=False` is the usual `dtype: bfloat16` (computes in bf16, rounding after each operation);
     `exact=True` computes in float32 and writes bf16 (`out_dtype`), which is exact but slower.
@@ -154,154 +133,164 @@ def mergekit_cmd(paths: dict[str, Path], out: Path, work: Path, exact: bool) -> 
         f"  - model: {paths['ft']}\n    parameters: {{weight: 1.0}}\n"
         f"parameters: {{normalize: false}}\n{dtypes}"
     )
-    return [
-        "env",
-        "HF_HUB_OFFLINE=1",
-        exe,
-        str(cfg),
-        str(out),
-        "--no-cuda",
-        "--device",
-        "cpu",
-        "--out-shard-size",
-        "5B",
-        "--quiet",
-    ]
+    flags = ["--no-cuda", "--device", "cpu", "--out-shard-size", "5B", "--quiet"]
+    return ["env", "HF_HUB_OFFLINE=1", exe, str(cfg), str(out), *flags]
 
 
-def mismatches(out: Path, paths: dict[str, Path]) -> tuple[int, int]:
-    """(elements differing from the exact result, total elements), streamed tensor by tensor."""
+def methods(paths: dict[str, Path], work: Path, args) -> dict[str, tuple[list[list[str]], dict | None]]:
+    """name → (commands run in sequence, environment). The output is work/<name>."""
+    py = sys.executable
+    app = [py, "-P", "-m", "recycler.cli.app"]  # -P: PYTHONPATH (--before) wins over the working directory
+    ms, ft, mt = (str(paths[k]) for k in ("ms", "ft", "mt"))
+    out = {name: str(work / name) for name in ("floor", "floor-direct", "naive")}
 
-    def index(d: Path) -> dict[str, Path]:
-        wm = (
-            json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
-            if (d / "model.safetensors.index.json").exists()
+    def recycle(name: str, env: dict | None = None) -> tuple:
+        return [[*app, "recycle", ms, ft, mt, "-o", str(work / slug(name)), "-q"]], env
+
+    def diff_apply(name: str, env: dict | None = None, extra: tuple[str, ...] = ()) -> tuple:
+        d = str(work / f"delta-{slug(name)}")
+        diff = [*app, "diff", ms, ft, "-o", d, "-q", *extra]
+        return [diff, [*app, "apply", mt, d, "-o", str(work / slug(name)), "-q"]], env
+
+    rows = {
+        "floor": ([[py, "-c", FLOOR, ms, ft, mt, out["floor"]]], None),
+        "floor-direct": ([[py, "-c", FLOOR_DIRECT, ms, ft, mt, out["floor-direct"]]], None),
+        "recycler": recycle("recycler"),
+        "diff+apply": diff_apply("diff+apply"),
+        "diff+apply-f32": diff_apply("diff+apply-f32", extra=("--dtype", "float32")),
+        "naive": ([[py, "-c", NAIVE, ms, ft, mt, out["naive"]]], None),
+    }
+    if args.before:
+        env = {**os.environ, "PYTHONPATH": str(Path(args.before).resolve())}
+        rows |= {"recycler (before)": recycle("recycler (before)", env)}
+        rows |= {"diff+apply (before)": diff_apply("diff+apply (before)", env)}
+    for name, exact in (("mergekit", False), ("mergekit-fp32", True)):
+        cmd = mergekit_cmd(paths, work / name, work, exact)
+        if cmd:
+            rows[name] = ([cmd], None)
+    return {k: v for k, v in rows.items() if k not in args.skip}
+
+
+def slug(method: str) -> str:
+    return method.replace(" (before)", "-before")
+
+
+def measure(name: str, cmds: list[list[str]], env: dict | None, work: Path, paths, check: bool) -> dict:
+    parts = [run(c, env) for c in cmds]
+    r = {
+        "method": name,
+        "wall_s": sum(p["wall_s"] for p in parts),
+        "cpu_s": sum(p["cpu_s"] for p in parts),
+        "peak_rss_gb": max(p["peak_rss_gb"] for p in parts),
+        "steps": [round(p["wall_s"], 2) for p in parts],
+    }
+    out = work / slug(name)
+    if check and not name.startswith("floor"):
+        r["mismatch"], r["formula_mismatch"], r["elements"] = mismatches(out, paths)
+    delta = work / f"delta-{slug(name)}"
+    if name.startswith("diff+apply") and (delta / "manifest.json").exists():
+        m = json.loads((delta / "manifest.json").read_text())
+        r["delta_gb"] = folder_bytes(delta) / 1e9
+        r["residual"] = (
+            {k: m["residual"][k] for k in ("exceptions", "roundtrip_fixes", "exception_rate")}
+            if "residual" in m
             else None
         )
-        if wm is None:
-            files = sorted(d.glob("*.safetensors"))
-            wm = {}
-            for f in files:
-                with safe_open(str(f), "pt") as h:
-                    wm |= dict.fromkeys(h.keys(), f.name)
-        return {k: d / v for k, v in wm.items()}
-
-    ims, ift, imt, iout = index(paths["ms"]), index(paths["ft"]), index(paths["mt"]), index(out)
-    bad = total = 0
-    for name in imt:
-
-        def get(ix, n=name):
-            with safe_open(str(ix[n]), "pt") as h:
-                return h.get_tensor(n)
-
-        t = get(imt)
-        want = (t.float() + (get(ift).float() - get(ims).float())).to(t.dtype)
-        got = get(iout)
-        bad += int((got != want).sum())
-        total += want.numel()
-    return bad, total
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(delta, ignore_errors=True)
+    return r
 
 
-def bytes_of(d: Path) -> int:
-    return sum(f.stat().st_size for f in d.glob("*.safetensors"))
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1,2", help="checkpoint sizes in GB, comma separated")
-    ap.add_argument("--workdir", type=Path, default=Path("bench/out"))
-    ap.add_argument(
-        "--skip",
-        default="",
-        help="comma-separated methods to skip (floor,recycler,diff+apply,naive,mergekit)",
-    )
-    ap.add_argument("--no-check", action="store_true", help="skip the exactness comparison")
-    args = ap.parse_args()
-    skip = set(filter(None, args.skip.split(",")))
-    py = sys.executable
-    recycler = [py, "-m", "recycler.cli.app"]
-    results = []
-    for size in [float(s) for s in args.sizes.split(",")]:
-        paths = build(args.workdir, size)
-        work = args.workdir / f"{size:g}gb" / "runs"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        for p in paths.values():  # page-cache the inputs, as every method reads them hot
-            run([py, "-c", FLOOR, str(p), str(p), str(p), str(work / "warm")])
+def bench_size(size: float, args) -> list[dict]:
+    paths = build(args.workdir, size, args.ft_noise)
+    work = paths["ms"].parent / "runs"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    rows = methods(paths, work, args)
+    moved = (bytes_of(paths["ms"]) + bytes_of(paths["ft"]) + 2 * bytes_of(paths["mt"])) / 1e9
+    runs: dict[str, list[dict]] = {name: [] for name in rows}
+    for rep in range(args.repeat):
+        for p in paths.values() if size < 10 else ():  # page-cache the inputs: every method reads them hot
+            run([sys.executable, "-c", FLOOR, str(p), str(p), str(p), str(work / "warm")])
             shutil.rmtree(work / "warm")
-        gb = bytes_of(paths["mt"]) / 1e9
-        moved = (bytes_of(paths["ms"]) + bytes_of(paths["ft"]) + 2 * bytes_of(paths["mt"])) / 1e9
-        methods: dict[str, list[list[str]] | None] = {
-            "floor": [[py, "-c", FLOOR, *map(str, paths.values()), str(work / "floor")]],
-            "recycler": [
-                [
-                    *recycler,
-                    "recycle",
-                    *map(str, (paths["ms"], paths["ft"], paths["mt"])),
-                    "-o",
-                    str(work / "recycler"),
-                    "-q",
-                ]
-            ],
-            "diff+apply": [
-                [*recycler, "diff", str(paths["ms"]), str(paths["ft"]), "-o", str(work / "delta"), "-q"],
-                [
-                    *recycler,
-                    "apply",
-                    str(paths["mt"]),
-                    str(work / "delta"),
-                    "-o",
-                    str(work / "diff+apply"),
-                    "-q",
-                ],
-            ],
-            "naive": [[py, "-c", NAIVE, *map(str, paths.values()), str(work / "naive")]],
-            "mergekit": (lambda c: [c] if c else None)(
-                mergekit_cmd(paths, work / "mergekit", work, exact=False)
-            ),
-            "mergekit-fp32": (lambda c: [c] if c else None)(
-                mergekit_cmd(paths, work / "mergekit-fp32", work, exact=True)
-            ),
-        }
-        for name, cmds in methods.items():
-            if name in skip or cmds is None:
-                continue
-            parts = [run(c) for c in cmds]
-            r = {
-                "size_gb": round(gb, 2),
-                "method": name,
-                "wall_s": sum(p["wall_s"] for p in parts),
-                "peak_rss_gb": max(p["peak_rss_gb"] for p in parts),
-                "steps": [round(p["wall_s"], 2) for p in parts],
+        for name, (cmds, env) in rows.items():
+            r = measure(name, cmds, env, work, paths, check=rep == 0 and not args.no_check)
+            runs[name].append(r)
+            print(json.dumps({"size": size, "rep": rep, **r}), flush=True)
+    out = []
+    for rs in runs.values():
+        first = rs[0]
+        r = first | {k: summary([x[k] for x in rs]) for k in ("wall_s", "cpu_s", "peak_rss_gb")}
+        out.append(
+            r
+            | {
+                "size_gb": round(bytes_of(paths["mt"]) / 1e9, 2),
+                "gb_per_s": moved / r["wall_s"],
+                "reps": len(rs),
             }
-            r["gb_per_s"] = moved / r["wall_s"]
-            if name != "floor" and not args.no_check:
-                bad, total = mismatches(work / name, paths)
-                r["mismatch_pct"] = 100 * bad / total
-            results.append(r)
-            print(json.dumps(r), flush=True)
-            if name not in ("diff+apply",):
-                shutil.rmtree(work / name, ignore_errors=True)
-    report(results)
-    (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
+        )
+    if size >= 10 and not args.keep:
+        shutil.rmtree(paths["ms"].parent, ignore_errors=True)  # 40 GB of inputs
+    return out
 
 
 def report(results: list[dict]) -> None:
     print(
-        "\n| size | method | wall s | GB/s moved | peak RSS GB | speed × mergekit | wall × floor | RSS ÷ mergekit | elements ≠ exact |"
+        "\n| size | method | wall s | CPU s | GB/s | peak RSS GB | × mergekit | wall ÷ floor | wall ÷ floor-direct | elements ≠ exact |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        same = [x for x in results if x["size_gb"] == r["size_gb"]]
-        mk = next((x for x in same if x["method"] == "mergekit"), None)
-        fl = next((x for x in same if x["method"] == "floor"), None)
-        speed = f"{mk['wall_s'] / r['wall_s']:.1f}×" if mk else "–"
-        floor = f"{r['wall_s'] / fl['wall_s']:.1f}×" if fl else "–"
-        rss = f"{r['peak_rss_gb'] / mk['peak_rss_gb']:.2f}" if mk else "–"
-        mm = f"{r['mismatch_pct']:.3f}%" if "mismatch_pct" in r else "–"
+        same = {x["method"]: x for x in results if x["size_gb"] == r["size_gb"]}
+        mk, fl, fd = same.get("mergekit"), same.get("floor"), same.get("floor-direct")
+        ratio = lambda a, b: f"{a:.1f}×" if b else "–"  # noqa: E731
+        mm = f"{r['mismatch']:,} ({100 * r['mismatch'] / r['elements']:.3f}%)" if "mismatch" in r else "–"
         print(
-            f"| {r['size_gb']} GB | {r['method']} | {r['wall_s']:.2f} | {r['gb_per_s']:.2f} | {r['peak_rss_gb']:.2f} | {speed} | {floor} | {rss} | {mm} |"
+            f"| {r['size_gb']} GB | {r['method']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['gb_per_s']:.2f} | "
+            f"{r['peak_rss_gb']:.2f} | {ratio(mk['wall_s'] / r['wall_s'], mk) if mk else '–'} | "
+            f"{ratio(r['wall_s'] / fl['wall_s'], fl) if fl else '–'} | {ratio(r['wall_s'] / fd['wall_s'], fd) if fd else '–'} | {mm} |"
         )
+    for r in results:
+        if r.get("formula_mismatch") != r.get("mismatch"):
+            print(
+                f"{r['size_gb']} GB {r['method']}: {r['formula_mismatch']:,} elements ≠ the plain float32 formula"
+            )
+    for r in results:
+        if r.get("delta_gb"):
+            res = r.get("residual")
+            rate = (
+                f", {res['exceptions']:,} exceptions ({100 * res['exception_rate']:.2f}%), {res['roundtrip_fixes']} round-trip fixes"
+                if res
+                else ""
+            )
+            print(f"{r['size_gb']} GB {r['method']}: Δ {r['delta_gb']:.2f} GB{rate}; steps {r['steps']} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--sizes", default="1,2", help="checkpoint sizes in GB; 13.5 (or --scale) is the 7B-shaped run"
+    )
+    ap.add_argument("--scale", action="store_true", help="add the 13.5 GB 7B-shaped run")
+    ap.add_argument("--repeat", type=int, default=3, help="repetitions per method (medians reported)")
+    ap.add_argument("--workdir", type=Path, default=Path("bench/out"))
+    ap.add_argument(
+        "--skip", type=lambda s: set(filter(None, s.split(","))), default=set(), help="methods to skip"
+    )
+    ap.add_argument("--before", type=Path, help="a checkout of the old engine, run beside the new one")
+    ap.add_argument("--keep", action="store_true", help="keep the 13.5 GB checkpoints afterwards")
+    ap.add_argument(
+        "--ft-noise", type=float, default=2e-3, help="fine-tune noise (2e-4: a gentler fine-tune)"
+    )
+    ap.add_argument("--no-check", action="store_true", help="skip the exactness comparison")
+    args = ap.parse_args()
+    sizes = [float(s) for s in args.sizes.split(",")] + ([13.5] if args.scale else [])
+    results = []
+    for size in sizes:
+        if size >= 10:
+            args.skip |= {"naive", "mergekit-fp32", "diff+apply-f32"}  # 40 GB RAM / once is enough
+        results += bench_size(size, args)
+    report(results)
+    (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,60 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def finetune64(
+    src: Path, out: Path, *, seed: int, scale: float = 0.05, dtype: torch.dtype | None = None
+) -> Path:
+    """A 'fine-tune' of `src` drawn in float64 and rounded once (as training produces m′), with the
+    hard cases planted in every tensor: sign flips, changes by more than 2×, subnormals, ±0 and values
+    far apart. `perturb_model` adds noise in the checkpoint's own dtype, so m′ − m is exact there and
+    a float32 round trip can never fail on it. `dtype` converts the copy (e.g. bf16 → fp16)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, out)
+    g = torch.Generator().manual_seed(seed)
+    for shard in sorted(out.glob("*.safetensors")):
+        state = load_file(shard)
+        new = {}
+        for k, v in state.items():
+            x = v.double().reshape(-1)
+            y = x + torch.randn(x.shape, generator=g, dtype=torch.float64) * scale * x.abs().mean().clamp_min(
+                1e-3
+            )
+            if len(y) >= 8:  # sign flip, ×3, subnormal, −0 from a value, far apart both ways, −2×, +0
+                s = x.abs().mean().item() or 1e-3
+                x0 = [x[i].item() or s for i in range(8)]
+                y[:8] = torch.tensor(
+                    [-0.5 * x0[0], 3 * x0[1], 1e-40, -0.0, s * 2.0**-24, x0[5] * 2.0**-20, -2 * x0[6], 0.0],
+                    dtype=torch.float64,
+                )
+            dt = dtype or v.dtype
+            new[k] = y.to(dt).reshape(v.shape)
+        save_file(new, str(shard), metadata={"format": "pt"})
+    if dtype is not None and (out / "config.json").exists():
+        import json as _json
+
+        cfg = _json.loads((out / "config.json").read_text())
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (out / "config.json").write_text(_json.dumps(cfg))
+    return out
+
+
+def load_delta32(folder: Path) -> dict[str, torch.Tensor]:
+    """A Δ artifact as float32 tensors, decoded independently of recycler: the stored values (safetensors'
+    own loader), widened, with the residual's exceptions (`residual/*.safetensors`) scattered in."""
+    folder = Path(folder)
+    state = {k: v.float() for k, v in load_state(folder).items()}
+    for f in sorted((folder / "residual").glob("*.safetensors")):
+        r = load_file(f)
+        for key, idx in r.items():
+            if key.endswith(".__exc_idx"):
+                name = key.removesuffix(".__exc_idx")
+                state[name].view(-1)[idx.long()] = r[f"{name}.__exc_val"]
+    return state
+
+
 def grow_vocab(src: Path, out: Path, new_tokens: list[str], *, seed: int = 7) -> Path:
     """A 'newer base' whose tokenizer appends tokens (and embedding rows), lightly perturbed."""
     model = LlamaForCausalLM.from_pretrained(src)
@@ -62,6 +116,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
     m["tied_tuned"] = perturb_model(m["tied"], root / "tied_tuned", scale=0.02, seed=6)
     m["grown"] = grow_vocab(m["base"], root / "grown", ["<tool>", "<think>", "§"])
     m["unrelated"] = build_tiny_model(root / "unrelated", dtype=torch.bfloat16, seed=99)
+    # Fine-tunes drawn in float64 and rounded once, with hard cases (see finetune64)
+    m["tuned64"] = finetune64(m["base"], root / "tuned64", seed=11)
+    m["tuned32_64"] = finetune64(m["base32"], root / "tuned32_64", seed=12)
+    m["base16"] = finetune64(m["base"], root / "base16", seed=13, scale=0.0, dtype=torch.float16)
+    m["tuned16_64"] = finetune64(m["base16"], root / "tuned16_64", seed=14)
     return m
 
 

@@ -45,7 +45,7 @@ def test_diff_apply_inspect_verify(models, tmp_path):
     assert "vocabulary: tokens" in r.stderr and "3 target rows with zero Δ" in r.stderr
     assert json.loads((o / "compatibility.json").read_text())["vocab"]["method"] == "tokens"
     r = run("inspect", d)
-    assert r.returncode == 0 and "float32" in r.stdout and "total" in r.stdout
+    assert r.returncode == 0 and "bfloat16" in r.stdout and "total" in r.stdout and "exceptions" in r.stdout
     r = run("inspect", d, "--json")
     assert json.loads(r.stdout)["kind"] == "diff"
     r = run("verify", o)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import load_state
+from conftest import load_delta32, load_state
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recycler.delta.policy import ApplyPolicy
@@ -40,15 +40,22 @@ def assert_same(a: dict, b: dict) -> None:
 
 def test_delta_artifact_layout_and_manifest(delta, models):
     m = json.loads((delta / "manifest.json").read_text())
-    assert m["kind"] == "diff" and m["dtype"] == "float32" and m["roundtrip"]["exact"]
-    assert len(list(delta.glob("model-*.safetensors"))) > 1  # bounded shards
+    assert m["kind"] == "diff" and m["dtype"] == "bfloat16" and m["roundtrip"]["exact"]  # bf16 inputs: bf16 Δ
+    shards = sorted(delta.glob("model-*.safetensors"))
+    assert len(shards) > 1  # bounded shards, each with its residual file
+    assert m["residual"]["files"] == [f"residual/{s.name}" for s in shards]
     for side in ("tokenizer.json", "chat_template.jinja", "generation_config.json", "tuned_config.json"):
         assert side in m["files"]
     assert 0 < m["relative_norms"]["total"] < 0.1
     base, tuned = load_state(models["base"]), load_state(models["tuned"])
-    d = load_state(delta)
+    stored, d = load_state(delta), load_delta32(delta)
+    exceptions = 0
     for k in base:
-        assert torch.equal(d[k], tuned[k].float() - base[k].float()), k
+        exact = tuned[k].float() - base[k].float()
+        assert stored[k].dtype == torch.bfloat16 and torch.equal(d[k], exact), k
+        exceptions += int((stored[k].float() != exact).sum())
+    assert m["residual"]["exceptions"] == exceptions > 0
+    assert m["residual"]["elements"] == sum(t.numel() for t in base.values())
     assert verify_folder(delta)["tensors"] == len(base)
 
 
@@ -102,19 +109,22 @@ def test_include_exclude(delta, models, tmp_path):
     assert "lm_head.weight" in res.report.excluded and not any("mlp" in k for k in res.report.applied)
 
 
-def test_bf16_delta_storage_is_reported(models, tmp_path):
-    r = diff_checkpoints(models["base"], models["tuned"], tmp_path / "d16", dtype="bfloat16")
-    rt = r.manifest["roundtrip"]
-    got = load_state(apply_diff(models["base"], r.path, tmp_path / "out").path)
-    tuned = load_state(models["tuned"])
-    mismatches = sum(int((got[k] != tuned[k]).sum()) for k in tuned)
-    assert rt["mismatched_elements"] == mismatches
-    assert rt["exact"] == (mismatches == 0)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_every_storage_dtype_gives_the_same_result(delta, models, tmp_path, dtype):
+    """float32 storage (the option kept from before) and any other dtype are exact: same output bytes."""
+    r = diff_checkpoints(models["base"], models["tuned"], tmp_path / "d", dtype=dtype)
+    assert r.manifest["dtype"] == dtype and r.manifest["roundtrip"]["exact"]
+    want = apply_diff(models["target"], delta, tmp_path / "want").path
+    got = apply_diff(models["target"], r.path, tmp_path / "got").path
+    assert (got / "model.safetensors").read_bytes() == (want / "model.safetensors").read_bytes()
+    assert_same(
+        load_state(apply_diff(models["base"], r.path, tmp_path / "rt").path), load_state(models["tuned"])
+    )
 
 
 def test_fp32_models_roundtrip(models, tmp_path):
     r = diff_checkpoints(models["base32"], models["tuned32"], tmp_path / "d")
-    assert r.manifest["roundtrip"] == {"exact": True, "mismatched_elements": 0}
+    assert r.manifest["dtype"] == "float32" and r.manifest["roundtrip"]["exact"]
     assert_same(
         load_state(apply_diff(models["base32"], r.path, tmp_path / "o").path), load_state(models["tuned32"])
     )
@@ -126,7 +136,7 @@ def test_tied_source_to_untied_target(models, tmp_path):
     # An untied target with the same shapes: lm_head receives the embedding Δ, and the report says so.
     res = apply_diff(models["target"], d, tmp_path / "out")
     assert any("lm_head.weight receives the Δ of model.embed_tokens.weight" in t for t in res.report.tied)
-    got, tgt, dd = load_state(res.path), load_state(models["target"]), load_state(d)
+    got, tgt, dd = load_state(res.path), load_state(models["target"]), load_delta32(d)
     emb = dd["model.embed_tokens.weight"]
     assert torch.equal(got["lm_head.weight"], (tgt["lm_head.weight"].float() + emb).to(torch.bfloat16))
 
@@ -142,7 +152,7 @@ def test_vocabulary_growth_aligns_rows_by_token(delta, models, tmp_path):
     res = apply_diff(models["grown"], delta, tmp_path / "out")
     v = res.report.vocab
     assert v["method"] == "tokens" and v["new_in_target_zero_delta"] == 3 and v["dropped_from_delta"] == 0
-    got, tgt, dd = load_state(res.path), load_state(models["grown"]), load_state(delta)
+    got, tgt, dd = load_state(res.path), load_state(models["grown"]), load_delta32(delta)
     n_old = dd["model.embed_tokens.weight"].shape[0]
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert got[name].shape[0] == n_old + 3
@@ -166,7 +176,7 @@ def test_reordered_vocabulary_is_matched_by_string_not_position(delta, models, t
     res = apply_diff(tgt, delta, tmp_path / "out")
     assert res.report.vocab["method"] == "tokens"
     ia, ib = vocab[b], vocab[a]  # old ids (in Δ's tokenizer) of the swapped tokens
-    dd, t, got = load_state(delta), load_state(tgt), load_state(res.path)
+    dd, t, got = load_delta32(delta), load_state(tgt), load_state(res.path)
     emb = "model.embed_tokens.weight"
     assert torch.equal(got[emb][vocab[a]], (t[emb][vocab[a]].float() + dd[emb][ia]).to(torch.bfloat16))
     assert torch.equal(got[emb][vocab[b]], (t[emb][vocab[b]].float() + dd[emb][ib]).to(torch.bfloat16))
@@ -264,11 +274,11 @@ def test_crash_mid_write_leaves_nothing(delta, models, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = transfer.ShardedWriter.submit
 
-    def failing(self, buf, nbytes):
+    def failing(self, *args, **kw):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError(28, "No space left on device")
-        return real(self, buf, nbytes)
+        return real(self, *args, **kw)
 
     monkeypatch.setattr(transfer.ShardedWriter, "submit", failing)
     with pytest.raises(OSError, match="No space left"):

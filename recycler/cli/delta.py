@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +15,13 @@ from recycler.cli.common import OutOpt, OverwriteOpt, QuietOpt, ShardOpt, TrackO
 from recycler.errors import RecyclerError
 
 app = typer.Typer()  # commands are registered on the main app by `register`
+
+
+def _engine_threads() -> None:
+    """The engine parallelises across chunks (one numpy call per core at a time): OpenBLAS's own
+    threads (np.dot) would only oversubscribe the cores. Effective if numpy is not imported yet."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _policy(
@@ -76,9 +85,10 @@ def diff(
     dtype: Annotated[
         str,
         typer.Option(
-            help="Storage dtype of Δ: float32 (exact round trip, default), bfloat16 or float16 (half the size, lossy)."
+            help="Storage dtype of Δ: auto (the inputs' bf16/fp16, else float32), float32, bfloat16 or float16. "
+            "Always exact: what the dtype cannot hold is kept in a sparse float32 residual."
         ),
-    ] = "float32",
+    ] = "auto",
     shard_size: ShardOpt = "5GB",
     max_relative_norm: Annotated[
         float,
@@ -98,6 +108,7 @@ def diff(
     track: TrackOpt = None,
 ) -> None:
     """Extract Δ = TUNED − BASE into a verifiable Δ artifact (sharded safetensors + manifest)."""
+    _engine_threads()
     from recycler.io.checkpoint import open_checkpoint
     from recycler.io.writer import parse_size
     from recycler.registry.runlog import log_json_artifact
@@ -119,9 +130,21 @@ def diff(
             on_progress=tick,
         )
         log_json_artifact(r.manifest, "delta_manifest.json")
+    m = r.manifest
+    res, rt = m["residual"], m["roundtrip"]
     console.print(
-        f"  ‖Δ‖/‖base‖ (matrices) = {r.manifest['relative_norms']['matrices']:.4g}, {r.manifest['tensor_count']} tensors, round trip exact: {r.manifest['roundtrip']['exact']}"
+        f"  ‖Δ‖/‖base‖ (matrices) = {m['relative_norms'].get('matrices', 0.0):.4g}, {m['tensor_count']} tensors"
     )
+    console.print(
+        f"  stored as {m['dtype']} + residual: {res['exceptions']:,} exceptions "
+        f"({100 * res['exception_rate']:.3f}%), {res['roundtrip_fixes']:,} round-trip fixes"
+    )
+    unchecked = (
+        f" ({len(rt['unchecked_tensors'])} tensors of mixed/float64 dtypes unchecked)"
+        if not rt["exact"]
+        else ""
+    )
+    console.print(f"  round trip exact: {rt['exact']}{unchecked}")
     out.print(f"wrote {r.path}")
 
 
@@ -143,6 +166,7 @@ def apply(
     track: TrackOpt = None,
 ) -> None:
     """Write TARGET + α·Δ as a checkpoint that loads with AutoModelForCausalLM.from_pretrained."""
+    _engine_threads()
     from recycler.stages.apply import apply_diff
 
     policy = _policy(alpha, include, exclude, only_in_delta, vocab, tokenizer_from)
@@ -176,6 +200,7 @@ def recycle(
     track: TrackOpt = None,
 ) -> None:
     """Write TARGET + α·(TUNED − BASE) in one streaming pass, without storing Δ."""
+    _engine_threads()
     from recycler.stages.apply import recycle as run
 
     policy = _policy(alpha, include, exclude, only_in_delta, vocab, tokenizer_from)
@@ -234,7 +259,7 @@ def inspect(
     )
     for role, src in (m.get("sources") or {}).items():
         t.add_row(f"source: {role}", json.dumps(src, default=str)[:200])
-    for key in ("dtype", "alpha", "vocab_size", "tied_embeddings", "roundtrip"):
+    for key in ("dtype", "alpha", "vocab_size", "tied_embeddings", "roundtrip", "residual"):
         if key in m:
             t.add_row(key, json.dumps(m[key]))
     for fam, v in (m.get("relative_norms") or {}).items():

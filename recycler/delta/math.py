@@ -1,24 +1,26 @@
-"""Pure Δ arithmetic: tensors in, tensors out, no I/O.
+"""Δ arithmetic on whole tensors (flat numpy arrays in their carrier dtype: bf16 as uint16 bits).
 
-Exactness contract (tested bit for bit):
-  diff(base, tuned)          = float32(tuned) - float32(base)                       (rounded once, in float32)
-  apply(target, delta, α)    = cast_to_target_dtype(float32(target) + α·float32(delta))  (one more rounding)
-  apply(base, diff(base, tuned)) == tuned   for bf16/fp16 models, always; for fp32 models whenever
-  tuned and base are within a factor 2 of each other (Sterbenz), i.e. for any fine-tune; `roundtrip_mismatches`
-  counts the exceptions so the writer can report them.
-Storing Δ in bf16 instead rounds it once more: |error| <= |Δ|·2⁻⁸ per element before the final cast
-(and none at all where tuned and base are within a factor 2 of each other).
-
-The `*_into` kernels take preallocated float32 buffers so the streaming engine runs at memory speed:
-on CPU, `x.float()` allocates and page-faults (~1 GB/s) while `buf.copy_(x)` into a warm buffer
-runs at ~6 GB/s.
+The exactness contract, with d32 = float32(m′) − float32(m) (every operation rounded to float32):
+  diff(m, m′)          = (stored, residual): d32 rounded to the store dtype, plus the sparse residual
+                         that restores d32 exactly (`recycler.delta.residual`)
+  apply(m_t, Δ, α)     = round_T(float32(m_t) + float32(α·d32)), rounded once to the target dtype T;
+                         except that where m_t equals m bit for bit (α = 1, one dtype throughout) and
+                         that formula would not give m′, the result is m′ = m_t + (m′ − m) exactly
+  ⇒ apply(m, diff(m, m′)) == m′ bit for bit, for bf16, fp16 and fp32 checkpoints, always;
+    apply(m_t, diff(m, m′)) is today's float32 formula everywhere else, whatever the store dtype.
+These functions are the streaming engine's chunk kernels (`recycler.delta.kernels`) applied to a
+whole tensor, so tests of this module test the engine's arithmetic.
 """
 
 from __future__ import annotations
 
 import re
 
-import torch
+import numpy as np
+
+from recycler.delta.bits import carrier
+from recycler.delta.kernels import DenseBlocks, PairBlocks, Scratch, StoredBlocks, apply_chunk, diff_chunk
+from recycler.delta.residual import EMPTY, ChunkResidual
 
 _FAMILIES = (
     ("embed", re.compile(r"embed|wte|wpe|word_embeddings")),
@@ -37,62 +39,71 @@ def tensor_family(name: str) -> str:
     return "other"
 
 
-def diff(base: torch.Tensor, tuned: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Δ = tuned − base computed in float32, stored as `dtype`."""
-    if base.shape != tuned.shape:
-        raise ValueError(f"shape mismatch: base {tuple(base.shape)} vs tuned {tuple(tuned.shape)}")
-    return (tuned.to(torch.float32) - base.to(torch.float32)).to(dtype)
+def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {what} {a.shape} vs {b.shape}")
 
 
-def apply(target: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """target + α·Δ computed in float32, cast back to the target's dtype."""
-    if target.shape != delta.shape:
-        raise ValueError(f"shape mismatch: target {tuple(target.shape)} vs delta {tuple(delta.shape)}")
-    # torch.add(..., alpha=) is the same kernel `apply_into` uses, so streaming and eager results agree bitwise.
-    return torch.add(target.to(torch.float32), delta.to(torch.float32), alpha=alpha).to(target.dtype)
+def diff(
+    base: np.ndarray, base_dtype: str, tuned: np.ndarray, tuned_dtype: str, store: str
+) -> tuple[np.ndarray, ChunkResidual]:
+    """Δ of flat arrays: (stored values in `store`'s carrier, residual with indices into the array)."""
+    _same_shape(base, tuned, "base vs tuned")
+    out = np.empty(len(base), carrier(store))
+    dc = diff_chunk(base, base_dtype, tuned, tuned_dtype, out, store, Scratch())
+    return out, dc.residual
 
 
-def diff_into(
-    base: torch.Tensor, tuned: torch.Tensor, base32: torch.Tensor, out: torch.Tensor
-) -> torch.Tensor:
-    """Streaming `diff` of one flat chunk: `out` (float32) receives tuned − base, `base32` float32(base).
-
-    Bit-identical to `diff`; `base32` is returned filled because the caller needs it for norms and the
-    round-trip check, and widening it twice would cost a second pass over memory.
-    """
-    base32.copy_(base)
-    out.copy_(tuned)
-    return out.sub_(base32)
+def decode(stored: np.ndarray, store: str, residual: ChunkResidual = EMPTY) -> np.ndarray:
+    """d32, the exact float32 Δ, from its stored form."""
+    out = np.empty(len(stored), np.float32)
+    sc = Scratch()
+    blocks = StoredBlocks(stored, store, residual)
+    for s in range(0, len(out), sc.block):
+        e = min(s + sc.block, len(out))
+        np.copyto(out[s:e], blocks.fill(s, e, sc.d[: e - s], sc))
+    return out
 
 
-def apply_into(
-    target: torch.Tensor, delta32: torch.Tensor | None, alpha: float, acc: torch.Tensor
-) -> torch.Tensor:
-    """Streaming `apply` of one flat chunk: `acc` (float32) receives float32(target) + α·Δ.
-
-    The caller rounds `acc` once into the target's dtype (`out.copy_(acc)`), after checking it is
-    finite; a chunk without Δ (`delta32` None) is the widened target. Bit-identical to `apply`.
-    """
-    acc.copy_(target)
-    if delta32 is not None:
-        acc.add_(delta32, alpha=alpha)
-    return acc
-
-
-def roundtrip_mismatches(base32: torch.Tensor, tuned: torch.Tensor, stored: torch.Tensor) -> int:
-    """Elements where apply(base, stored Δ) would not give back `tuned` exactly.
-
-    `base32` is float32(base); `stored` is the Δ chunk as written (float32 or a narrower dtype).
-    0 for bf16/fp16 checkpoints with a float32 Δ (see the module docstring).
-    """
-    back = torch.add(base32, stored.to(torch.float32)).to(tuned.dtype)
-    return int((back != tuned).sum())
+def apply(
+    target: np.ndarray,
+    dtype: str,
+    stored: np.ndarray,
+    store: str,
+    residual: ChunkResidual = EMPTY,
+    alpha: float = 1.0,
+) -> np.ndarray:
+    """m_t + α·Δ in the target's dtype (carrier), from a stored Δ and its residual."""
+    _same_shape(target, stored, "target vs Δ")
+    out = np.empty_like(target)
+    sc = Scratch()
+    apply_chunk(
+        target, dtype, out, StoredBlocks(stored, store, residual), alpha, sc, exact_roundtrip=alpha == 1.0
+    )
+    return out
 
 
-def squared_norm(x32: torch.Tensor) -> float:
-    """Σx² of a float32 chunk as a Python float (float64). Non-finite if any element is NaN/Inf."""
-    return float(torch.dot(x32, x32))
+def apply_f32(target: np.ndarray, dtype: str, d32: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """m_t + α·Δ from a float32 Δ without residual (a Δ written before the residual existed)."""
+    _same_shape(target, d32, "target vs Δ")
+    out = np.empty_like(target)
+    apply_chunk(target, dtype, out, DenseBlocks(d32), alpha, Scratch(), exact_roundtrip=False)
+    return out
 
 
-def count_nonfinite(x: torch.Tensor) -> int:
-    return int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
+def recycle(
+    base: np.ndarray,
+    base_dtype: str,
+    tuned: np.ndarray,
+    tuned_dtype: str,
+    target: np.ndarray,
+    dtype: str,
+    alpha: float = 1.0,
+) -> np.ndarray:
+    """m_t + α·(m′ − m) in one pass, Δ never stored: the same bits as apply(m_t, diff(m, m′), α)."""
+    _same_shape(base, tuned, "base vs tuned")
+    _same_shape(target, base, "target vs base")
+    out = np.empty_like(target)
+    blocks = PairBlocks(base, base_dtype, tuned, tuned_dtype)
+    apply_chunk(target, dtype, out, blocks, alpha, Scratch(), exact_roundtrip=alpha == 1.0)
+    return out

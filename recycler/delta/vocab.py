@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 SAMPLE = 10
 
@@ -18,7 +18,7 @@ SAMPLE = 10
 class RowMap:
     """`src_rows[i]` is the Δ row added to target row i, or -1 for none (zero Δ)."""
 
-    src_rows: torch.Tensor
+    src_rows: np.ndarray
     method: str  # "identity" | "tokens" | "prefix"
     matched: int
     new_in_target: int = 0
@@ -41,14 +41,14 @@ class RowMap:
 
 
 def identity_map(rows: int) -> RowMap:
-    return RowMap(torch.arange(rows), "identity", rows)
+    return RowMap(np.arange(rows, dtype=np.int64), "identity", rows)
 
 
 def align_by_prefix(src_rows: int, tgt_rows: int) -> RowMap:
     """Row i ↔ row i; opt-in only, since it is correct only when one vocabulary extends the other."""
     n = min(src_rows, tgt_rows)
-    rows = torch.full((tgt_rows,), -1, dtype=torch.int64)
-    rows[:n] = torch.arange(n)
+    rows = np.full(tgt_rows, -1, dtype=np.int64)
+    rows[:n] = np.arange(n)
     return RowMap(rows, "prefix", n, new_in_target=tgt_rows - n, dropped_from_source=src_rows - n)
 
 
@@ -60,7 +60,7 @@ def align_by_tokens(
     tgt_by_id = {i: t for t, i in tgt_vocab.items() if 0 <= i < tgt_rows}
     if src_rows == tgt_rows and src_by_id == tgt_by_id:
         return identity_map(tgt_rows)
-    rows = torch.full((tgt_rows,), -1, dtype=torch.int64)
+    rows = np.full(tgt_rows, -1, dtype=np.int64)
     new: list[str] = []
     for i, tok in tgt_by_id.items():
         j = src_vocab.get(tok, -1)
@@ -80,7 +80,7 @@ def align_by_tokens(
     )
 
 
-def row_runs(src_rows: torch.Tensor) -> list[tuple[int, int, int]]:
+def row_runs(src_rows: np.ndarray) -> list[tuple[int, int, int]]:
     """Split a row map into runs (target_offset, source_start, length) of consecutive source rows.
 
     Runs with source -1 are returned with source_start = -1, so a chunk is filled with few reads.

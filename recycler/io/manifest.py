@@ -20,6 +20,7 @@ from pathlib import Path
 from recycler import __version__
 from recycler.errors import VerificationFailed
 from recycler.io.checkpoint import Checkpoint, open_checkpoint
+from recycler.io.direct import read_file_blocks
 from recycler.io.layout import MANIFEST_NAME
 
 FORMAT = "recycler/1"
@@ -62,7 +63,8 @@ def read_blocks(path: Path, block: int = HASH_BLOCK) -> Iterable[bytes]:
 
 
 def sha256_file(path: Path) -> FileDigest:
-    return sha256_stream(read_blocks(path))
+    """sha256 of a file; bytes not already in the page cache are read with O_DIRECT (not cached)."""
+    return sha256_stream(read_file_blocks(path))
 
 
 def sha256_files(paths: list[Path], workers: int = 2) -> list[FileDigest]:

@@ -1,8 +1,10 @@
-"""Chunked float32 views of tensors on disk: the streaming half of the Δ engine.
+"""Chunked reads of tensors on disk, and the Δ sources the engine adds to a target chunk by chunk.
 
-A `DeltaSource` fills a float32 buffer with elements [start, start+count) of one Δ tensor, read from a
-stored Δ, computed on the fly from a (base, fine-tuned) pair, or gathered row by row through a
-vocabulary `RowMap`. Memory is a handful of chunk buffers whatever the tensor or model size.
+Reads are `pread`s into reusable per-thread buffers (numpy, no torch: the Δ commands start in a
+fraction of a second). A Δ source yields, for elements [start, start+count) of one tensor, the block
+provider the kernels consume (`recycler.delta.kernels`): a stored Δ with its residual, a (base,
+fine-tuned) pair computed on the fly, or rows re-indexed through a vocabulary `RowMap`. Memory is a
+handful of chunk buffers whatever the tensor or model size.
 """
 
 from __future__ import annotations
@@ -17,69 +19,76 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-import torch
+import numpy as np
 
+from recycler.delta.bits import carrier
+from recycler.delta.kernels import Blocks, DenseBlocks, PairBlocks, Scratch, StoredBlocks
+from recycler.delta.residual import EMPTY, ChunkResidual
 from recycler.delta.vocab import RowMap, row_runs
-from recycler.errors import InvalidCheckpoint, NonFiniteValues
+from recycler.errors import InvalidCheckpoint
+from recycler.io.direct import DirectReads, aligned_buffer, open_for_reads, pread_into
 from recycler.io.safetensors import TensorEntry
+from recycler.io.writer import (
+    CHUNK_ELEMS,  # 1M elements: 2 MiB reads of bf16 (pread is fastest from ~2 MiB up)
+)
 
-# safetensors dtype name ↔ torch dtype
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 T = TypeVar("T")
 R = TypeVar("R")
 
-CHUNK_ELEMS = (
-    1 << 20
-)  # 1M elements: 2 MiB reads of bf16 (pread is fastest from ~2 MiB up), 4 MiB float32 in L3
+WINDOW = 4  # chunks in flight between the compute threads and the writer
 
 
 class ChunkReader:
-    """Reads chunks of tensors with pread into reusable per-slot buffers.
+    """Reads chunks of tensors with pread into reusable per-thread slot buffers.
 
     Resident memory is the slot buffers, whatever the checkpoint size. pread with MiB-sized blocks
-    moves page-cached data at ~5 GB/s here, where touching a memory map faults at ~1 GB/s. A view
-    returned for a slot is valid until the next read into the same slot.
+    moves page-cached data at ~5 GB/s here, where touching a memory map faults at ~1 GB/s; bytes not in
+    the page cache are read with O_DIRECT (`recycler.io.direct.pread_into`). A view returned for a
+    slot is valid until the next read into the same slot on the same thread.
     """
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._direct = DirectReads()  # what is not in the page cache is read around it
         self._open_lock = threading.Lock()
         self._local = threading.local()  # buffers are per thread; file descriptors are shared (pread)
 
-    def scratch(self, slot: str, count: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def scratch(self, slot: str, count: int, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """A reusable per-thread buffer of `count` elements."""
         bufs = self._local.__dict__.setdefault("scratch", {})
-        key = (slot, dtype)
+        key = (slot, np.dtype(dtype))
         buf = bufs.get(key)
-        if buf is None or buf.numel() < count:
-            buf = bufs[key] = torch.empty(max(count, CHUNK_ELEMS), dtype=dtype)
+        if buf is None or len(buf) < count:
+            n = max(count, CHUNK_ELEMS)  # page-aligned, so O_DIRECT reads land in it without a copy
+            buf = bufs[key] = aligned_buffer(n * np.dtype(dtype).itemsize).view(dtype)
         return buf[:count]
 
-    def raw(self, entry: TensorEntry, start: int, count: int, slot: str) -> torch.Tensor:
-        """Elements [start, start+count) of `entry` in its own dtype."""
-        dtype = DTYPES[entry.dtype]
+    def kernels(self) -> Scratch:
+        """This thread's warm block buffers for `recycler.delta.kernels`."""
+        sc = self._local.__dict__.get("kernels")
+        if sc is None:
+            sc = self._local.kernels = Scratch()
+        return sc
+
+    def raw(self, entry: TensorEntry, start: int, count: int, slot: str) -> np.ndarray:
+        """Elements [start, start+count) of `entry` in its carrier dtype (bf16 as uint16 bits)."""
+        dtype = carrier(entry.dtype)
         if start < 0 or start + count > entry.numel:
             raise ValueError(f"chunk [{start}, {start + count}) outside tensor {entry.name}")
-        view = self.scratch(f"raw:{slot}", count * dtype.itemsize, torch.uint8)
-        self._read(entry, entry.start + start * dtype.itemsize, memoryview(view.numpy()))
+        view = self.scratch(f"raw:{slot}", count * dtype.itemsize, np.uint8)
+        self._read(entry, entry.start + start * dtype.itemsize, memoryview(view))
         return view.view(dtype)
 
-    def widen(self, entry: TensorEntry, start: int, count: int, out: torch.Tensor, slot: str) -> torch.Tensor:
-        return out.copy_(self.raw(entry, start, count, slot))
+    def array(self, entry: TensorEntry, start: int, count: int) -> np.ndarray:
+        """Elements [start, start+count) of `entry` in a fresh array (small reads: residuals, tables)."""
+        dtype = carrier(entry.dtype)
+        if start < 0 or count < 0 or start + count > entry.numel:
+            raise InvalidCheckpoint(
+                f"{entry.file}: read [{start}, {start + count}) outside tensor {entry.name!r}"
+            )
+        out = np.empty(count, dtype)
+        self._read(entry, entry.start + start * dtype.itemsize, memoryview(out.view(np.uint8)))
+        return out
 
     def _read(self, entry: TensorEntry, offset: int, into: memoryview) -> None:
         fd = self._fds.get(entry.file)
@@ -87,79 +96,94 @@ class ChunkReader:
             with self._open_lock:
                 fd = self._fds.get(entry.file)
                 if fd is None:
-                    fd = self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
-        got = 0
-        while got < len(into):
-            n = os.preadv(fd, [into[got:]], offset + got)
-            if n == 0:
-                raise InvalidCheckpoint(f"{entry.file}: file shrank while reading tensor {entry.name!r}")
-            got += n
+                    fd = self._fds[entry.file] = open_for_reads(entry.file)
+        if pread_into(fd, entry.file, offset, into, self._direct) < len(into):
+            raise InvalidCheckpoint(f"{entry.file}: file shrank while reading tensor {entry.name!r}")
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._direct.close()
+
+
+class ResidualSource(Protocol):
+    def chunk(self, name: str, start: int, count: int) -> ChunkResidual: ...
 
 
 class DeltaSource(Protocol):
     numel: int
 
-    def read_f32(self, start: int, count: int, out: torch.Tensor) -> None:
-        """Fill `out` (float32, `count` elements) with Δ elements [start, start+count)."""
+    def blocks(self, start: int, count: int) -> Blocks:
+        """The Δ of elements [start, start+count), as the kernels' block provider."""
+        ...
+
+    def read_f32(self, start: int, count: int, out: np.ndarray) -> None:
+        """Fill `out` (float32, `count` elements) with the float32 Δ of elements [start, start+count)."""
         ...
 
 
-def check_finite(values: torch.Tensor, what: str) -> None:
-    """Raise NonFiniteValues if `values` (a chunk) holds NaN/Inf; `what` names file and tensor."""
-    if not torch.isfinite(values).all():
-        n = int((~torch.isfinite(values)).sum())
-        raise NonFiniteValues(
-            f"{what}: {n} NaN/Inf value(s) in this chunk; refusing to produce a Δ from them"
-        )
+def decode_into(blocks: Blocks, out: np.ndarray, sc: Scratch) -> None:
+    """The float32 Δ of a whole chunk into `out`."""
+    for s in range(0, len(out), sc.block):
+        e = min(s + sc.block, len(out))
+        w = blocks.fill(s, e, out[s:e], sc)
+        if not np.may_share_memory(w, out):  # a view of the input (float32 Δ): copy it over
+            np.copyto(out[s:e], w)
 
 
 class StoredDelta:
-    """A tensor of a Δ artifact, widened to float32."""
+    """A tensor of a Δ artifact: the stored values, patched by its residual (ΔR) if there is one."""
 
-    def __init__(self, chunks: ChunkReader, entry: TensorEntry):
-        self.chunks, self.entry, self.numel = chunks, entry, entry.numel
+    def __init__(self, chunks: ChunkReader, entry: TensorEntry, residual: ResidualSource | None = None):
+        self.chunks, self.entry, self.residual, self.numel = chunks, entry, residual, entry.numel
 
-    def read_f32(self, start: int, count: int, out: torch.Tensor) -> None:
-        self.chunks.widen(self.entry, start, count, out, "delta")
+    def blocks(self, start: int, count: int, slot: str = "delta") -> StoredBlocks:
+        res = self.residual.chunk(self.entry.name, start, count) if self.residual is not None else EMPTY
+        return StoredBlocks(self.chunks.raw(self.entry, start, count, slot), self.entry.dtype, res)
+
+    def read_f32(self, start: int, count: int, out: np.ndarray) -> None:
+        decode_into(self.blocks(start, count), out, self.chunks.kernels())
 
 
 class PairDelta:
-    """Δ = tuned − base computed on the fly (fused recycling: no Δ artifact is written)."""
+    """Δ = tuned − base computed on the fly (recycling in one pass: no Δ artifact is written)."""
 
     def __init__(self, chunks: ChunkReader, base: TensorEntry, tuned: TensorEntry):
         self.chunks, self.base, self.tuned, self.numel = chunks, base, tuned, base.numel
 
-    def read_f32(self, start: int, count: int, out: torch.Tensor) -> None:
-        scratch = self.chunks.scratch("pair", count)
-        self.chunks.widen(self.tuned, start, count, out, "tuned")
-        self.chunks.widen(self.base, start, count, scratch, "base")
-        out.sub_(scratch)
+    def blocks(self, start: int, count: int) -> PairBlocks:
+        b = self.chunks.raw(self.base, start, count, "base")
+        t = self.chunks.raw(self.tuned, start, count, "tuned")
+        return PairBlocks(b, self.base.dtype, t, self.tuned.dtype)
+
+    def read_f32(self, start: int, count: int, out: np.ndarray) -> None:
+        decode_into(self.blocks(start, count), out, self.chunks.kernels())
 
 
 class RowMapped:
     """A vocabulary tensor's Δ re-indexed to the target's rows; unmatched rows read as zero."""
 
-    def __init__(self, inner: DeltaSource, rowmap: RowMap, cols: int):
-        self.inner, self.cols = inner, cols
+    def __init__(self, inner: DeltaSource, rowmap: RowMap, cols: int, chunks: ChunkReader):
+        self.inner, self.cols, self.chunks = inner, cols, chunks
         self.numel = len(rowmap.src_rows) * cols
         self._runs = row_runs(rowmap.src_rows)  # (target_row, source_row or -1, length)
         self._starts = [r[0] * cols for r in self._runs]
 
-    def read_f32(self, start: int, count: int, out: torch.Tensor) -> None:
+    def blocks(self, start: int, count: int) -> DenseBlocks:
+        out = self.chunks.scratch("rowmapped", count)
+        self.read_f32(start, count, out)
+        return DenseBlocks(out)
+
+    def read_f32(self, start: int, count: int, out: np.ndarray) -> None:
         i = bisect.bisect_right(self._starts, start) - 1
         pos, end = start, start + count
         while pos < end:
             trow, srow, length = self._runs[i]
-            run_end = (trow + length) * self.cols
-            n = min(end, run_end) - pos
+            n = min(end, (trow + length) * self.cols) - pos
             dst = out[pos - start : pos - start + n]
             if srow < 0:
-                dst.zero_()
+                dst.fill(0)
             else:
                 self.inner.read_f32(srow * self.cols + (pos - trow * self.cols), n, dst)
             pos += n
@@ -172,24 +196,15 @@ def cores() -> int:
 
 @contextlib.contextmanager
 def compute_threads() -> Iterator[int]:
-    """Parallelise across chunks, not inside them: one intra-op thread per chunk worker. On 2 cores,
-    torch's own two threads plus the writer thread oversubscribe the CPU and stall on barriers.
-    Yields the number of chunk workers to use."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield min(4, cores())
-    finally:
-        torch.set_num_threads(before)
-
-
-WINDOW = 4  # chunks in flight between the reader/compute threads and the writer
+    """Chunk workers to use: one per core (up to 4). Each numpy call is single-threaded, so
+    parallelism is across chunks; sha256 and writes run on the writer's lane threads beside them."""
+    yield min(4, cores())
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, window: int) -> Iterator[R]:
     """`map(fn, items)` on `workers` threads, results in order, at most `window` items in flight.
 
-    torch kernels, pread, write and sha256 all release the GIL, so chunks computed on two threads
+    numpy ufuncs, pread, write and sha256 all release the GIL, so chunks computed on two threads
     use two cores; the bounded window keeps memory at a few chunks and cannot starve the writer.
     """
     if workers <= 1:
@@ -209,6 +224,17 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, windo
                 f.cancel()
 
 
-def chunk_ranges(numel: int, chunk: int = CHUNK_ELEMS):
+def chunk_ranges(numel: int, chunk: int = CHUNK_ELEMS) -> Iterator[tuple[int, int]]:
     for start in range(0, numel, chunk):
         yield start, min(chunk, numel - start)
+
+
+def interleave(lanes: list[Iterable[T]]) -> Iterator[T]:
+    """Items of several lanes in turn (one from each), each lane's in its own order."""
+    iters = [iter(lane) for lane in lanes]
+    while iters:
+        for it in list(iters):
+            try:
+                yield next(it)
+            except StopIteration:
+                iters.remove(it)

@@ -66,13 +66,49 @@ class TensorEntry:
         return self.dtype in FLOAT_DTYPES
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+U64_MAX = 2**64 - 1
+ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def _strict_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """JSON objects as the reference parser (Rust serde_json) would have them, or ValueError: no
+    duplicate keys, and no string with an unpaired UTF-16 surrogate escape ("\\ud800"), which Python
+    decodes but serde_json refuses."""
     out: dict[str, object] = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"duplicate key {k!r}")
+            raise ValueError(f"duplicate key {k[:80]!r}")
+        _valid_text(k)
+        if isinstance(v, str):
+            _valid_text(v)
         out[k] = v
     return out
+
+
+def _valid_text(text: str) -> None:
+    text.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
+
+
+def _json_int(literal: str) -> int:
+    """Integers are shapes and offsets, which the reference reads as unsigned 64-bit: above that, or
+    "-0" (a float to serde_json), it refuses. Other negatives are refused by the shape/offset checks."""
+    value = int(literal)
+    if value > U64_MAX or (value == 0 and literal.startswith("-")):
+        raise ValueError(f"integer {literal[:30]} is not an unsigned 64-bit integer")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _decode(raw: bytes) -> object:
+    return json.loads(
+        raw.decode("utf-8"),
+        object_pairs_hook=_strict_object,
+        parse_int=_json_int,
+        parse_constant=_no_constant,
+    )
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
@@ -80,7 +116,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
 
     Raises InvalidCheckpoint naming the file for: short or truncated files, header length out of
     bounds, invalid/duplicate-key JSON, unknown dtypes, shape/size disagreement, overlapping or
-    uncovered byte ranges (this also rejects appended polyglot payloads).
+    uncovered byte ranges (this also rejects appended polyglot payloads). Never laxer than the
+    reference parser (safetensors' Rust code), which tests/test_fuzz_validator.py checks
+    differentially: whatever is accepted here loads with `safetensors`.
     """
     path = Path(path)
     try:
@@ -99,14 +137,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     except OSError as e:
         raise InvalidCheckpoint(f"{path}: cannot read ({e.strerror})") from e
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidCheckpoint(f"{path}: malformed safetensors header ({e})") from e
+        header = _decode(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeError is a ValueError
+        raise InvalidCheckpoint(
+            f"{path}: malformed safetensors header ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
     if not isinstance(header, dict):
         raise InvalidCheckpoint(f"{path}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)  # null is allowed, as by the reference parser
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise InvalidCheckpoint(f"{path}: __metadata__ must map strings to strings")
+        raise InvalidCheckpoint(f"{path}: __metadata__ must be a map of strings to strings")
     if len(header) > MAX_TENSORS_PER_FILE:
         raise InvalidCheckpoint(f"{path}: {len(header)} tensors exceeds the cap of {MAX_TENSORS_PER_FILE}")
     data_start = 8 + n
@@ -121,8 +162,8 @@ def _entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
     where = f"{path}: tensor {name[:80]!r}"
     if not name or len(name) > MAX_NAME_LENGTH or "\x00" in name:
         raise InvalidCheckpoint(f"{where}: invalid tensor name (empty, NUL or over {MAX_NAME_LENGTH} chars)")
-    if not isinstance(info, dict):
-        raise InvalidCheckpoint(f"{where}: entry is not an object")
+    if not isinstance(info, dict) or set(info) != ENTRY_KEYS:
+        raise InvalidCheckpoint(f"{where}: entry must be an object with exactly {sorted(ENTRY_KEYS)}")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if dtype not in ITEMSIZE:
         raise InvalidCheckpoint(f"{where}: unsupported dtype {dtype!r}")
@@ -137,12 +178,25 @@ def _entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise InvalidCheckpoint(f"{where}: invalid data_offsets {offsets!r}")
-    expected = math.prod(shape) * itemsize(dtype)
+    expected = _checked_nbytes(shape, itemsize(dtype))
+    if expected is None:
+        raise InvalidCheckpoint(f"{where}: shape {shape} overflows a 64-bit size")
     if offsets[1] - offsets[0] != expected:
         raise InvalidCheckpoint(
             f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets span {offsets[1] - offsets[0]}"
         )
     return TensorEntry(name, path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def _checked_nbytes(shape: list[int], size: int) -> int | None:
+    """Bytes of a tensor, or None where the reference's checked 64-bit arithmetic overflows (it
+    multiplies the dimensions in order, so [2**40, 2**40, 0] overflows although it holds nothing)."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n > U64_MAX:
+            return None
+    return n * size if n * size * 8 <= U64_MAX else None
 
 
 def _check_coverage(path: Path, entries, data_start: int, size: int) -> None:
@@ -160,8 +214,11 @@ def _check_coverage(path: Path, entries, data_start: int, size: int) -> None:
         raise InvalidCheckpoint(f"{path}: data region does not match the file size ({what})")
 
 
-def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
-    """Header bytes (length prefix + JSON, padded to 8 bytes) for tensors laid out in the given order."""
+def encode_header(
+    tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str], *, align: int = 8
+) -> bytes:
+    """Header bytes (length prefix + JSON, space-padded so the data starts at a multiple of `align`,
+    at least 8 as the format asks) for tensors laid out in the given order."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape in tensors:
@@ -169,5 +226,5 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dic
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(8 + len(raw)) % max(align, 8))
     return struct.pack("<Q", len(raw)) + raw

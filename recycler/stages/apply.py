@@ -9,38 +9,33 @@ the target goes through `ApplyPolicy` and into the CompatibilityReport saved wit
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from recycler.delta.compat import Job, Side, compare_tensor_sets, plan_transfer
-from recycler.delta.math import apply_into, squared_norm
+from recycler.delta.compat import Side, compare_tensor_sets, plan_transfer
 from recycler.delta.policy import ApplyPolicy, CompatibilityReport
-from recycler.errors import IncompatibleCheckpoints, InvalidCheckpoint, NonFiniteValues
+from recycler.errors import IncompatibleCheckpoints, InvalidCheckpoint
 from recycler.io.atomic import atomic_folder
 from recycler.io.checkpoint import GENERATION_CONFIG, TOKENIZER_FILES, Checkpoint, load_vocab, open_checkpoint
-from recycler.io.manifest import fingerprint, manifest_digest, write_manifest
-from recycler.io.reader import (
-    DTYPES,
-    WINDOW,
-    ChunkReader,
-    DeltaSource,
-    PairDelta,
-    RowMapped,
-    StoredDelta,
-    chunk_ranges,
-    compute_threads,
-    ordered_map,
+from recycler.io.manifest import (
+    FileEntry,
+    fail_if,
+    fingerprint,
+    listed_file_problems,
+    manifest_digest,
+    write_manifest,
 )
+from recycler.io.reader import WINDOW, ChunkReader, DeltaSource, PairDelta, StoredDelta, compute_threads
+from recycler.io.residual import RESIDUAL_DIR, ResidualReader
 from recycler.io.safetensors import TensorEntry
 from recycler.io.writer import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter
+from recycler.stages.engine import stream_apply
 
 Progress = Callable[[int], None]
-FP16_MAX = 65504.0
+Opener = Callable[[ChunkReader], Callable[[str], DeltaSource]]
 
 
 @dataclass
@@ -49,8 +44,9 @@ class DeltaInputs:
 
     side: Side[TensorEntry]  # tensors (for a pair: the base's entries), vocabulary, tied embeddings
     side_folder: Path  # holds the fine-tuned source's tokenizer and generation config
-    provenance: dict
-    make: Callable[[ChunkReader, str], DeltaSource]
+    provenance: dict  # content only: digests and fingerprints, never a path
+    open: Opener  # per transfer: Δ tensor name → its chunked source
+    must_match: list[FileEntry] = field(default_factory=list)  # re-hashed before the output is published
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,13 @@ class TransferResult:
 
 
 def stored_delta(diff_path: Path) -> DeltaInputs:
-    """A Δ artifact written by `recycler diff` (its manifest must say kind 'diff')."""
+    """A Δ artifact written by `recycler diff` (its manifest must say kind 'diff').
+
+    A Δ with a residual (format recycler-residual/1) is refused if a residual file is missing or of
+    the wrong size, and the output is not published if one fails its sha256 (checked while applying):
+    without it the result would silently be the rounded Δ. A Δ written before the residual existed
+    (float32, or the lossy bfloat16 of that time) applies as it always did.
+    """
     ck = open_checkpoint(diff_path, require_config=False)
     m = ck.manifest
     if not m or m.get("kind") != "diff":
@@ -74,21 +76,48 @@ def stored_delta(diff_path: Path) -> DeltaInputs:
             raise InvalidCheckpoint(
                 f"{diff_path}: Δ incomplete or altered: {rel} missing or of the wrong size; run `recycler verify`"
             )
+    residual_files = _residual_files(ck.path, m)
     entries = ck.tensors
     side = Side(
         entries, m.get("vocab_size"), bool(m.get("tied_embeddings")), load_vocab(ck.path), str(ck.path)
     )
+
+    def open_sources(chunks: ChunkReader) -> Callable[[str], DeltaSource]:
+        residual = ResidualReader(ck.path, residual_files, entries, chunks) if residual_files else None
+        return lambda name: StoredDelta(chunks, entries[name], residual)
+
     return DeltaInputs(
         side=side,
         side_folder=ck.path,
         provenance={
             "kind": "stored",
-            "path": str(ck.path),
             "manifest_sha256": manifest_digest(ck.path),
             "sources": m.get("sources"),
         },
-        make=lambda chunks, name: StoredDelta(chunks, entries[name]),
+        open=open_sources,
+        must_match=[
+            FileEntry(rel, m["files"][rel]["sha256"], m["files"][rel]["size"]) for rel in residual_files
+        ],
     )
+
+
+def _residual_files(folder: Path, m: dict) -> list[str]:
+    """The residual files a Δ's manifest names (none for a Δ written before residuals existed)."""
+    residual = m.get("residual")
+    if residual is None:
+        return []
+    files = residual.get("files") if isinstance(residual, dict) else None
+    if not isinstance(files, list) or not all(
+        isinstance(f, str) and f.startswith(f"{RESIDUAL_DIR}/") for f in files
+    ):
+        raise InvalidCheckpoint(f"{folder}: manifest.json: malformed 'residual' entry")
+    missing = [f for f in files if f not in m.get("files", {})]
+    if missing or (not files and residual.get("elements")):
+        raise InvalidCheckpoint(
+            f"{folder}: Δ incomplete or altered: residual file(s) {missing or 'none'} not listed; without them "
+            "the stored Δ is only the nearest-dtype rounding. Run `recycler verify`"
+        )
+    return files
 
 
 def pair_delta(base_path: Path, tuned_path: Path) -> DeltaInputs:
@@ -109,7 +138,7 @@ def pair_delta(base_path: Path, tuned_path: Path) -> DeltaInputs:
         side=side,
         side_folder=tuned.path,
         provenance={"kind": "pair", "base": fingerprint(base), "tuned": fingerprint(tuned)},
-        make=lambda chunks, name: PairDelta(chunks, base.tensors[name], tuned.tensors[name]),
+        open=lambda chunks: lambda name: PairDelta(chunks, base.tensors[name], tuned.tensors[name]),
     )
 
 
@@ -140,32 +169,40 @@ def transfer(
     target_id: str | None = None,
     on_progress: Progress | None = None,
 ) -> TransferResult:
-    """Stream target + α·Δ into `out` (atomic). Validation and planning happen before any write."""
+    """Stream target + α·Δ into `out` (atomic). Validation and planning happen before any write.
+
+    The manifest depends on content only (digests, dtype, α, policy, tool version): the same inputs
+    from any folder give the same bytes, hence one address. `target_id` is recorded only if given.
+    """
     target = open_checkpoint(target_path)
     side = Side(
         target.tensors, target.vocab_size, target.tied_embeddings, load_vocab(target.path), str(target.path)
     )
     jobs, report = plan_transfer(side, delta.side, policy)
     plan = [PlannedTensor(j.entry.name, j.entry.dtype, j.entry.shape) for j in jobs]
-    with atomic_folder(out, [target.path, *inputs], overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, plan, max_shard_bytes, pool=WINDOW + 3)
-        try:
-            with compute_threads() as workers:
-                _stream_apply(jobs, delta, policy.alpha, writer, on_progress, workers)
-            digests = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+    with atomic_folder(out, [target.path, *inputs], overwrite=overwrite) as tmp, ThreadPoolExecutor(1) as bg:
+        checked = _start_check(bg, delta)
+        with compute_threads() as workers:
+            writer = ShardedWriter(tmp, plan, max_shard_bytes, pool=WINDOW + 3, lanes=workers)
+            try:
+                stream_apply(jobs, delta.open, policy.alpha, writer, on_progress, workers)
+                digests = writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        if checked is not None:
+            fail_if(
+                checked.result(),
+                f"{delta.side_folder}: Δ altered, output not published (run `recycler verify`)",
+            )
         _write_side_files(target, delta, report, policy, tmp)
         (tmp / "compatibility.json").write_text(report.model_dump_json(indent=2) + "\n")
+        target_src = {"fingerprint": fingerprint(target)} | ({"id": target_id} if target_id else {})
         body = {
             "kind": "model",
             "alpha": policy.alpha,
             "policy": policy.model_dump(mode="json"),
-            "sources": {
-                "target": {"id": target_id or target.path.resolve().name, "fingerprint": fingerprint(target)},
-                "delta": delta.provenance,
-            },
+            "sources": {"target": target_src, "delta": delta.provenance},
             "tensor_count": len(plan),
             "vocab_size": target.vocab_size,
         }
@@ -173,67 +210,11 @@ def transfer(
     return TransferResult(Path(out), manifest, report)
 
 
-def _stream_apply(
-    jobs: list[Job[TensorEntry]],
-    delta: DeltaInputs,
-    alpha: float,
-    writer: ShardedWriter,
-    on_progress: Progress | None,
-    workers: int = 1,
-) -> None:
-    """Compute output chunks on `workers` threads; hand them to the writer in plan order."""
-    chunks = ChunkReader()
-    sources: list[DeltaSource | None] = []
-    for job in jobs:
-        source = delta.make(chunks, job.delta_name) if job.delta_name is not None else None
-        if source is not None and job.rowmap is not None:
-            source = RowMapped(source, job.rowmap, math.prod(job.entry.shape[1:]))
-        sources.append(source)
-
-    def compute(item: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
-        i, start, count = item
-        e, source = jobs[i].entry, sources[i]
-        dtype = DTYPES[e.dtype]
-        buf = writer.buffer()
-        nbytes = count * dtype.itemsize
-        raw = chunks.raw(e, start, count, "target")
-        if not e.is_float:
-            buf[:nbytes].copy_(raw.view(torch.uint8))
-            return buf, nbytes
-        d = chunks.scratch("delta32", count)
-        if source is not None:
-            source.read_f32(start, count, d)
-        a = apply_into(raw, d if source is not None else None, alpha, chunks.scratch("acc", count))
-        if not math.isfinite(squared_norm(a)):
-            _diagnose_nonfinite(e, raw, d if source else None, jobs[i].delta_name)
-        if e.dtype == "F16" and float(a.abs().max()) > FP16_MAX:
-            raise NonFiniteValues(f"{e.file}: tensor {e.name!r}: target + α·Δ overflows float16")
-        buf[:nbytes].view(dtype).copy_(a)
-        return buf, nbytes
-
-    items = (
-        (i, start, count) for i, job in enumerate(jobs) for start, count in chunk_ranges(job.entry.numel)
-    )
-    try:
-        for buf, nbytes in ordered_map(compute, items, workers=workers, window=WINDOW):
-            writer.submit(buf, nbytes)
-            if on_progress:
-                on_progress(nbytes)
-    finally:
-        chunks.close()
-
-
-def _diagnose_nonfinite(
-    e: TensorEntry, raw: torch.Tensor, d: torch.Tensor | None, delta_name: str | None
-) -> None:
-    bad = int((~torch.isfinite(raw)).sum())
-    if bad:
-        raise NonFiniteValues(f"{e.file}: tensor {e.name!r} has {bad} NaN/Inf value(s) in the target")
-    if d is not None and not torch.isfinite(d).all():
-        raise NonFiniteValues(
-            f"Δ tensor {delta_name!r} has {int((~torch.isfinite(d)).sum())} NaN/Inf value(s)"
-        )
-    raise NonFiniteValues(f"{e.file}: tensor {e.name!r}: target + α·Δ overflows {e.dtype}")
+def _start_check(pool: ThreadPoolExecutor, delta: DeltaInputs) -> Future[list[str]] | None:
+    """Re-hash the files the output's correctness rests on (the residual) beside the arithmetic."""
+    if not delta.must_match:
+        return None
+    return pool.submit(listed_file_problems, delta.side_folder, delta.must_match, workers=1)
 
 
 def _write_side_files(

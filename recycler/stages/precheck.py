@@ -26,9 +26,10 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
+import numpy as np
 from pydantic import BaseModel
 
+from recycler.delta.bits import widen
 from recycler.delta.policy import ApplyPolicy
 from recycler.errors import IncompatibleCheckpoints, PrecheckError
 from recycler.io.checkpoint import Checkpoint, open_checkpoint
@@ -91,6 +92,7 @@ def parameter_signals(target: Checkpoint, base: Checkpoint, diff: Checkpoint) ->
     """Stream the three checkpoints chunk by chunk; float32 sums of ‖t−b‖², ‖b‖², ‖Δ‖², ⟨Δ, t−b⟩."""
     sums = dict.fromkeys(("tb", "b", "d", "dot"), 0.0)
     chunks = ChunkReader()
+    delta = stored_delta(diff.path).open(chunks)  # the exact float32 Δ (stored values + residual)
     try:
         for name, d in diff.tensors.items():
             t, b = target.tensors.get(name), base.tensors.get(name)
@@ -100,14 +102,15 @@ def parameter_signals(target: Checkpoint, base: Checkpoint, diff: Checkpoint) ->
                     "need one architecture and vocabulary (omit --base to rank by the probe alone)"
                 )
             for start, count in chunk_ranges(d.numel):
-                tv = chunks.widen(t, start, count, chunks.scratch("t", count), "t")
-                bv = chunks.widen(b, start, count, chunks.scratch("b", count), "b")
-                dv = chunks.widen(d, start, count, chunks.scratch("d", count), "d")
-                sums["b"] += float(torch.dot(bv, bv))
-                tv.sub_(bv)  # (count,) m_t − m_s
-                sums["tb"] += float(torch.dot(tv, tv))
-                sums["d"] += float(torch.dot(dv, dv))
-                sums["dot"] += float(torch.dot(dv, tv))
+                tv = widen(chunks.raw(t, start, count, "t"), t.dtype, chunks.scratch("t", count))
+                bv = widen(chunks.raw(b, start, count, "b"), b.dtype, chunks.scratch("b", count))
+                dv = chunks.scratch("d", count)
+                delta(name).read_f32(start, count, dv)
+                sums["b"] += float(np.dot(bv, bv))
+                tv = np.subtract(tv, bv, out=chunks.scratch("tb", count))  # (count,) m_t − m_s
+                sums["tb"] += float(np.dot(tv, tv))
+                sums["d"] += float(np.dot(dv, dv))
+                sums["dot"] += float(np.dot(dv, tv))
     finally:
         chunks.close()
     norm_tb, norm_d = math.sqrt(sums["tb"]), math.sqrt(sums["d"])
