@@ -55,7 +55,7 @@ def build(root: Path, size_gb: float, ft_noise: float = 2e-3) -> dict[str, Path]
             shapes,
             seed=1,
             like=paths["ms"],
-            noise=2e-3,
+            noise=ft_noise,
             config=config,
             max_shard_bytes=384 << 20,
         )
