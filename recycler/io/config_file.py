@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from recycler.errors import InvalidConfig
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 def read_yaml_mapping(path: Path, what: str = "options") -> dict:
@@ -46,3 +49,21 @@ def unknown_fields(values: dict, model: type[BaseModel], where: str = "") -> lis
         ):
             problems += unknown_fields(value, field.annotation, f"{where}{key}.")
     return problems
+
+
+def validate_all(model: type[Model], values: dict, source: str, root: str = "<root>") -> Model:
+    """`model` validated from `values`, or InvalidConfig listing every problem at once (unknown fields
+    first, with the valid names), so a user fixes a file in one pass instead of one error per run."""
+    problems = unknown_fields(values, model)
+    try:
+        validated = model.model_validate(values)
+    except ValidationError as exc:
+        problems += [
+            f"{'.'.join(map(str, e['loc'])) or root}: {e['msg']}"
+            for e in exc.errors()
+            if e["type"] != "extra_forbidden"
+        ]
+        validated = None
+    if problems or validated is None:
+        raise InvalidConfig(f"{source}: " + "; ".join(problems))
+    return validated

@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
-from recycler.errors import InvalidConfig
-from recycler.io.config_file import read_yaml_mapping, unknown_fields
+from recycler.io.config_file import read_yaml_mapping, validate_all
 from recycler.stages.finetune.config import FinetuneConfig
 from recycler.store.releases import check_id
 
@@ -121,19 +120,7 @@ class CycleSpec(BaseModel):
 
 def build_spec(values: dict[str, Any], source: str = "spec") -> CycleSpec:
     """Validate `values` as a CycleSpec, reporting every problem at once (unknown fields first)."""
-    problems = unknown_fields(values, CycleSpec)
-    spec = None
-    try:
-        spec = CycleSpec.model_validate(values)
-    except ValidationError as e:
-        problems += [
-            f"{'.'.join(map(str, err['loc'])) or '<spec>'}: {err['msg']}"
-            for err in e.errors()
-            if err["type"] != "extra_forbidden"
-        ]
-    if problems or spec is None:
-        raise InvalidConfig(f"{source}: " + "; ".join(problems))
-    return spec
+    return validate_all(CycleSpec, values, source, root="<spec>")
 
 
 def load_spec(path: Path) -> CycleSpec:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from recycler.errors import InvalidConfig
-from recycler.io.config_file import read_yaml_mapping, unknown_fields
+from recycler.io.config_file import read_yaml_mapping, validate_all
 
 # Fields that may change between a run and its resumption without changing what is being computed.
 RESUME_NEUTRAL = frozenset(
@@ -67,19 +67,7 @@ class FinetuneConfig(BaseModel):
     @classmethod
     def build(cls, values: dict, *, source: str = "config") -> FinetuneConfig:
         """Validate and report every problem at once, each as `field: what is wrong`."""
-        problems = unknown_fields(values, cls)  # with the valid names, closest first
-        config = None
-        try:
-            config = cls.model_validate(values)
-        except ValidationError as exc:
-            problems += [
-                f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}"
-                for e in exc.errors()
-                if e["type"] != "extra_forbidden"
-            ]
-        if problems or config is None:
-            raise InvalidConfig(f"{source}: " + "; ".join(problems))
-        return config
+        return validate_all(cls, values, source)
 
     @classmethod
     def from_yaml(cls, path: Path) -> FinetuneConfig:
