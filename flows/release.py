@@ -40,11 +40,24 @@ def _watch_run_name() -> str:
 
 
 @flow(name="release-cycle", flow_run_name=_cycle_run_name, log_prints=True)
-def release_cycle(version: str, source: str, spec: CycleSpec) -> dict[str, Any]:
+def release_cycle(
+    version: str,
+    source: str,
+    spec: CycleSpec,
+    attempt: int | None = None,
+    fingerprint: str | None = None,
+    wait: float | None = None,
+) -> dict[str, Any]:
     """Algorithm 1 for one new base release: apply the family's Δ^iter, fine-tune, evaluate, gate,
-    register the fine-tune and its new Δ with lineage, and move the aliases if it wins."""
+    register the fine-tune and its new Δ with lineage, and move the aliases if it wins.
+
+    It holds the family's turn while it runs (one cycle per family at a time, in release order).
+    `attempt` and `fingerprint` come from the watcher that dispatched it; `wait`: seconds to wait for
+    the turn (default: long enough to take over a dead holder's)."""
     with library_logs():
-        result = run_cycle(version, source, spec, run=prefect_step)
+        result = run_cycle(
+            version, source, spec, run=prefect_step, attempt=attempt, fingerprint=fingerprint, wait=wait
+        )
     if result.status == "already-complete":
         get_run_logger().info("%s %s: already complete (%s)", spec.family, version, result.registered["ft"])
     else:
@@ -62,34 +75,37 @@ def watch_releases(
     dispatch: Literal["inline", "deployment"] = "inline",
     deployment: str = RELEASE_CYCLE_DEPLOYMENT,
 ) -> list[dict[str, Any]]:
-    """Start one release cycle per base release not yet processed, oldest first.
+    """Take the family's release chain forward, oldest release first (recycler.service.watch).
 
-    `inline` runs each cycle as a subflow under a per-release lock (the embedded default: one
-    machine); `deployment` starts `release-cycle/gpu` with the release's idempotency key, so any
-    number of watchers on any machines start one run per release, and waits for it (each cycle needs
-    the Δ the previous one registers).
+    `inline` runs each cycle as a subflow (the embedded default); a watcher that finds another
+    process holding the family's turn stops. `deployment` records each attempt in the chain and
+    starts `release-cycle/gpu` with the attempt's idempotency key (or joins the run in flight), so any
+    number of watchers on any machines start one run per attempt, and waits for it (each cycle needs
+    the Δ the previous one registers); a failed or crashed run is retried under the next attempt's key.
     """
+    logger = get_run_logger()
     if dispatch == "deployment":
-        return watch(
-            source,
-            spec,
-            lambda r: dispatch_cycle(deployment, r, source, spec),
-            lock=False,
-            say=get_run_logger().info,
-        )
-    return watch(source, spec, lambda r: release_cycle(r.version, source, spec), say=get_run_logger().info)
+        start = lambda r, attempt, key: dispatch_cycle(deployment, r, source, spec, attempt, key)  # noqa: E731
+    else:
+        start = lambda r, attempt, key: release_cycle(r.version, source, spec, wait=0.0)  # noqa: E731
+    return watch(source, spec, start, dispatch=dispatch == "deployment", say=logger.info)
 
 
-def dispatch_cycle(deployment: str, release: Release, source: str, spec: CycleSpec) -> dict[str, Any]:
-    """Start (or join) the deployment run of `release` and wait for it."""
+def dispatch_cycle(
+    deployment: str, release: Release, source: str, spec: CycleSpec, attempt: int | None, key: str | None
+) -> dict[str, Any]:
+    """Start (or join) the deployment run of one attempt of `release` and wait for it; its final
+    state is returned, not raised: the watcher records a failed attempt and retries under a new key."""
     from prefect.deployments import run_deployment
 
-    run = run_deployment(
-        deployment,
-        parameters={"version": release.version, "source": source, "spec": spec.model_dump(mode="json")},
-        idempotency_key=release.key,
-        timeout=None,
-    )
-    if not run.state or not run.state.is_completed():
-        raise RuntimeError(f"release cycle for {release.key} ended {run.state.name if run.state else '?'}")
-    return {"version": release.version, "flow_run": str(run.id), "state": run.state.name}
+    parameters = {"version": release.version, "source": source, "spec": spec.model_dump(mode="json"),
+                  "attempt": attempt, "fingerprint": release.fingerprint}  # fmt: skip
+    run = run_deployment(deployment, parameters=parameters, idempotency_key=key, timeout=None)
+    state = run.state.name if run.state else "?"
+    completed = bool(run.state and run.state.is_completed())
+    return {
+        "version": release.version,
+        "flow_run": str(run.id),
+        "state": "Completed" if completed else state,
+        "key": key,
+    }

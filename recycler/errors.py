@@ -86,6 +86,20 @@ class PrecheckError(RecyclerError):
     exit_code = 12
 
 
+class ChainBlocked(RecyclerError):
+    """A family's release chain cannot take this step now: another cycle holds its turn, an earlier
+    release is not finished, or a release blocks the chain until an operator retries or skips it."""
+
+    exit_code = 14
+
+
+class ChainConflict(RecyclerError):
+    """The chain moved under a cycle: its lease was taken over, or the aliases it would move were moved
+    by someone else since it decided. Nothing was promoted; re-run to re-decide."""
+
+    exit_code = 15
+
+
 class RegistryUnavailable(RegistryError):
     """The MLflow registry did not answer within the bounded retries."""
 

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     s3_region: str | None = Field(None, description="S3 region, if the endpoint needs one.")
     s3_max_concurrency: int = Field(8, ge=1, le=64, description="Parallel part transfers per file.")
     s3_multipart_chunk_mb: int = Field(64, ge=5, description="Multipart part size in MiB (S3 minimum 5).")
+    chain_lease_ttl: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds a family's chain turn outlives its holder: renewed every third of it while a "
+        "cycle runs, taken over this long after the holder dies.",
+    )
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

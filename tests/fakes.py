@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recycler.service.spec import CycleSpec, EvalSettings
+from recycler.stages.gate import Evidence
 from recycler.toy.tiny import perturb_model
 
 ROLE_OF_FOLDER = {"base": "base", "merged": "merged", "ft": "ft", "ft-from-base": "ft_from_base"}
@@ -51,13 +52,19 @@ class FakeTrainer:
 
 @dataclass
 class FakeScorer:
+    """Per-example outcomes too: of `n` examples, the first round(score·n) are correct, so two models'
+    paired difference is exactly the difference of their scores (a tie pairs to zero)."""
+
     scores: Scores
     calls: list[tuple[str, str]] = field(default_factory=list)
+    n: int = 200
 
-    def score(self, model: Path, evaluation: EvalSettings) -> float:
+    def score(self, model: Path, evaluation: EvalSettings) -> Evidence:
         where = _where(model)
         self.calls.append(where)
-        return self.scores(*where)
+        score = self.scores(*where)
+        k = round(score * self.n)
+        return Evidence(k / self.n, tuple([1] * k + [0] * (self.n - k)))
 
 
 def table(values: dict[tuple[str, str], float], default: float = 0.0) -> Scores:

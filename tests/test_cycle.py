@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from fakes import FakeScorer, FakeTrainer, table
 
-from recycler.errors import GateRefused
+from recycler.errors import ChainBlocked, GateRefused
+from recycler.registry.chain import ChainLedger
+from recycler.service.chain import operator_update
 from recycler.registry.client import Registry
 from recycler.service import steps
 from recycler.service.cycle import run_cycle, run_locally
@@ -22,6 +24,7 @@ from recycler.service.services import Services
 from recycler.service.spec import CycleSpec
 from recycler.settings import Settings
 from recycler.stages.gate import decide
+from recycler.store.releases import Release
 from recycler.store.local import LocalStore
 
 
@@ -94,7 +97,7 @@ SECOND = {**FIRST, ("v2", "merged"): 0.4, ("v2", "ft"): 0.7, ("v2", "ft_from_bas
             ("ft", "ft-from-base", "direct", True),
         ),
         ({"base": 0.1, "ft": 0.62}, 0.6, {"gate_margin": 0.05}, False, ("ft", "ft", "iterative", False)),
-        ({"base": 0.5, "ft": 0.5}, None, {}, True, ("ft", "ft", "direct", True)),  # margin 0: ties pass
+        ({"base": 0.5, "ft": 0.5}, None, {}, True, ("ft", "ft", "direct", False)),  # a tie never promotes
         ({"base": 0.5, "ft": 0.49}, None, {}, True, ("ft", "ft", "direct", False)),
     ],
 )
@@ -103,7 +106,7 @@ def test_decide(world, scores, champion, kw, first, expected):
     d = decide(scores, champion, spec, first=first)
     assert (d.candidate, d.delta_source, d.diff_mode, d.promote) == expected
     assert d.champion_before == champion
-    assert d.gate == "promoted" if d.promote else d.gate.startswith("refused: fine-tuned")
+    assert d.gate == "promoted" if d.promote else d.gate.startswith("refused: ")
 
 
 # ---- cycles ----------------------------------------------------------------------------------------------
@@ -193,7 +196,7 @@ def test_refused_gate_moves_no_alias_but_completes_the_cycle(world):
     svc = services(settings, {**SECOND, ("v2", "ft"): 0.61})
     first = run_cycle("v1", str(releases), spec(), services=svc)
     out = run_cycle("v2", str(releases), spec(gate_margin=0.05), services=svc)
-    assert not out.promoted and "does not beat champion 0.600" in out.gate
+    assert not out.promoted and "vs champion, interval" in out.gate and "not above +0.05 (superiority)" in out.gate
     ft = svc.registry.resolve(out.registered["ft"])
     assert ft.tags["gate"].startswith("refused") and ft.tags["cycle_status"] == "complete"
     assert aliases(svc, "ft:fam:inst") == {"champion": "1", "approved-v1": "1"}
@@ -202,7 +205,8 @@ def test_refused_gate_moves_no_alias_but_completes_the_cycle(world):
     }
     # v3 therefore recycles v1's Δ, not the refused cycle's
     publish("v3")
-    assert steps.previous_diff(svc.registry, spec(), "v3").reference == first.registered["diff"]
+    v3 = Release("fam", "v3", "", "0" * 64)  # the next release applies the last promoted Δ
+    assert steps.previous_diff(svc.registry, spec(), v3).reference == first.registered["diff"]
 
 
 def test_precheck_below_threshold_stops_before_fine_tuning(world, tiny_releases):
@@ -215,6 +219,11 @@ def test_precheck_below_threshold_stops_before_fine_tuning(world, tiny_releases)
         run_cycle("v2", str(releases), strict, services=svc)
     assert len(svc.trainer.calls) == 1  # only v1's
     assert [v.tags["base_version"] for v in svc.registry.versions("ft", "fam", "inst")] == ["v1"]
+    (entry,) = [e for e in ChainLedger(svc.registry, "fam", "inst").entries().values() if e.version == "v2"]
+    assert entry.state == "refused" and "pre-check score" in entry.reason  # terminal, with its reason
+    with pytest.raises(ChainBlocked, match="v2 is refused .*recycler chain retry"):  # not re-checked
+        run_cycle("v2", str(releases), strict, services=svc)
+    operator_update(svc, strict, "v2", "retry")  # an operator lowers the bar and asks again
     out = run_cycle(
         "v2",
         str(releases),

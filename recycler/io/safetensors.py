@@ -111,6 +111,31 @@ def _decode(raw: bytes) -> object:
     )
 
 
+def declared_size(path: Path) -> int | None:
+    """The file size a safetensors file's header declares (8 + header + data), or None while its
+    header is not all there. How a release folder that is still being copied is told from a
+    complete one without trusting timestamps: a shard caught mid-copy is shorter than it declares."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                return 8 + n  # malformed: listed, then refused by read_header with its reason
+            raw = f.read(n)
+        if len(raw) < n:
+            return None
+    except OSError:
+        return None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return Path(path).stat().st_size  # all there but malformed: listed, then refused by read_header
+    return 8 + n + max(ends, default=0)
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Parse and validate the header of one safetensors file; return its tensors and metadata.
 

@@ -188,12 +188,15 @@ class Registry:
         lineage: Lineage = Lineage(),
         metrics: dict[str, float] | None = None,
         status: dict[str, str] | None = None,
+        release_fingerprint: str = "",
     ) -> RegisteredVersion:
         """Register `ref` as a version of the model for (kind, family, variant); idempotent per artifact.
 
         Call it only after the artifact is published (its manifest exists). Lineage references are
-        checked to exist. Raises RegistryError for invalid names, references or tags,
-        RegistryUnavailable when the server does not answer.
+        checked to exist. A version that already exists keeps its identity and lineage, and takes the
+        scores and status given now (a re-run that measured under other settings says so, instead of
+        leaving the first run's scores beside its own decision). Raises RegistryError for invalid
+        names, references or tags, RegistryUnavailable when the server does not answer.
         """
         name = model_name(kind, family, variant)
         if ref.kind not in ARTIFACT_KINDS[kind]:
@@ -209,8 +212,10 @@ class Registry:
             )
         found = self._find(name, ref.digest)
         if found:  # fast path: already registered, no lease needed
-            return self.get(name, min(found, key=lambda m: int(m.version)).version)
-        tags = self._tags(kind, family, variant, ref, base_version, lineage, metrics, status)
+            return self._update_status(self.get(name, min(found, key=lambda m: int(m.version)).version), metrics, status)  # fmt: skip
+        tags = self._tags(
+            kind, family, variant, ref, base_version, lineage, metrics, status, release_fingerprint
+        )
         with lease(self, f"register:{name}:{ref.digest}", ttl=self.lease_ttl, wait=self.lease_wait):
             self._ensure_model(name, kind, family, variant)
             if not self._find(name, ref.digest):
@@ -226,7 +231,15 @@ class Registry:
                 crash_point("register:created")
             winner = self._dedupe(name, ref.digest)
         refresh_lineage_of(self, tags)  # the versions it names link forward to it
-        return self.get(name, winner)
+        return self._update_status(self.get(name, winner), metrics, status)
+
+    def _update_status(
+        self, version: RegisteredVersion, metrics: dict[str, float] | None, status: dict[str, str] | None
+    ) -> RegisteredVersion:
+        """Bring a version's eval.<metric> and status tags to the values of this registration."""
+        wanted = {f"eval.{k}": f"{float(v):.6g}" for k, v in (metrics or {}).items()} | dict(status or {})
+        changed = {k: v for k, v in wanted.items() if version.tags.get(k) != v}
+        return self.set_tags(version, changed) if changed else version
 
     def _dedupe(self, name: str, digest: str) -> str:
         """Keep the lowest version holding `digest`; delete the others (a crashed or overlapping run's)."""
@@ -242,9 +255,12 @@ class Registry:
         return str(versions[0])
 
     def _tags(self, kind: str, family: str, variant: str | None, ref: ArtifactRef, base_version: str,
-              lineage: Lineage, metrics: dict[str, float] | None, status: dict[str, str] | None) -> dict[str, str]:  # fmt: skip
+              lineage: Lineage, metrics: dict[str, float] | None, status: dict[str, str] | None,
+              release_fingerprint: str = "") -> dict[str, str]:  # fmt: skip
         resolved = {k: self.resolve(v).reference if k in REF_TAGS else v for k, v in lineage.tags().items()}
-        return version_tags(kind, family, variant, ref, base_version, resolved, metrics, status)
+        return version_tags(
+            kind, family, variant, ref, base_version, resolved, metrics, status, release_fingerprint
+        )
 
     # ------------------------------------------------------------------------------------ reading
 
@@ -335,7 +351,8 @@ class Registry:
         while True:
             page = self.call(self.client.search_registered_models, max_results=1000, page_token=token)
             for rm in page:
-                if "recycler.kind" in rm.tags and not rm.name.startswith(LOCK_PREFIX):
+                chain = rm.tags.get("recycler.kind") == "chain"  # a family's chain ledger, not a model
+                if "recycler.kind" in rm.tags and not rm.name.startswith(LOCK_PREFIX) and not chain:
                     out.append(
                         {
                             "name": rm.name,

@@ -1,16 +1,22 @@
-"""A registration lease that works across processes and machines against one MLflow server.
+"""Leases that work across processes, hosts and homes against one MLflow server.
 
 The lease for a key is a registered model `_recycler-lock-<hash>`: creating it is atomic in every
 MLflow backend (unique name). Its `expires_at` tag lets a waiter take over the lease of a killed
-holder after `ttl` seconds, by renaming it away, which only one taker can do. Correctness never rests
-on the lease alone (Registry.register deduplicates after creating); the lease keeps the common case
-from creating duplicates in the first place.
+holder after `ttl` seconds, by renaming it away, which only one taker can do.
+
+Two uses: registration (`lease`, seconds long; correctness never rests on it alone, Registry.register
+deduplicates after creating) and a family's release chain (`held_lease`, hours long while a fine-tune
+runs): a `HeldLease` renews itself from a background thread every ttl/3, and `check()` raises
+ChainConflict once it was lost (a renewal failed for longer than the ttl and another process took it
+over), so the holder stops before it writes anything a new holder may be writing too.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from recycler.errors import RegistryError
+from recycler.errors import ChainConflict, RegistryError
 from recycler.registry.names import LOCK_PREFIX
 
 if TYPE_CHECKING:
@@ -31,6 +37,9 @@ class LeaseInfo:
     key: str
     owner: str
     expires_at: float
+
+
+log = logging.getLogger(__name__)
 
 
 def _error_code(e: Exception) -> str | None:
@@ -58,14 +67,33 @@ def lease(registry: Registry, key: str, *, ttl: float, wait: float) -> Iterator[
         release(registry, name, token)
 
 
-def acquire(registry: Registry, key: str, *, ttl: float, wait: float) -> tuple[str, str]:
-    """Take the lease for `key`; return (lock model name, owner token)."""
+def holder(registry: Registry, key: str) -> LeaseInfo | None:
+    """Who holds the lease for `key` now (live or expired), or None."""
+    from mlflow.exceptions import MlflowException
+
+    name = lease_name(key)
+    try:
+        held = registry.call(registry.client.get_registered_model, name)
+    except MlflowException as e:
+        if _error_code(e) == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return LeaseInfo(
+        name, held.tags.get("recycler.lock", key), held.tags.get("owner", ""), _expires(held.tags)
+    )
+
+
+def acquire(registry: Registry, key: str, *, ttl: float, wait: float, note: str = "") -> tuple[str, str]:
+    """Take the lease for `key`; return (lock model name, owner token). `note` (who takes it: host,
+    pid, what for) is stored on the lease for the operator who finds it held."""
     from mlflow.exceptions import MlflowException
 
     client, name = registry.client, lease_name(key)
     token, deadline = uuid.uuid4().hex, time.monotonic() + wait
     while True:
         tags = {"recycler.lock": key, "owner": token, "expires_at": f"{time.time() + ttl:.3f}"}
+        if note:
+            tags["holder"] = note
         try:
             description = "recycler registration lease (deleted when released; expires on its own)."
             registry.call(client.create_registered_model, name, tags=tags, description=description)
@@ -93,10 +121,92 @@ def acquire(registry: Registry, key: str, *, ttl: float, wait: float) -> tuple[s
             continue
         if time.monotonic() > deadline:
             until = time.strftime("%H:%M:%S", time.localtime(expires))
-            raise RegistryError(
-                f"registration lease {key!r} is held by another process until {until}; waited {wait:.0f} s"
+            who = f" ({held.tags['holder']})" if held.tags.get("holder") else ""
+            raise LeaseBusy(
+                f"lease {key!r} is held by another process{who} until {until} (renewed while it works); "
+                f"waited {wait:.0f} s"
             )
         time.sleep(random.uniform(0.05, 0.25))
+
+
+class LeaseBusy(RegistryError):
+    """The lease is held by a live holder (raised after waiting `wait` seconds)."""
+
+
+class HeldLease:
+    """A lease held for a long block: renewed every ttl/3 from a daemon thread while the block runs.
+
+    `check()` is the fence: call it before every write that must not interleave with another holder's
+    (registration, alias moves); it raises ChainConflict once a renewal found the lease gone or owned
+    by someone else, or when the last successful renewal is older than the ttl.
+    """
+
+    def __init__(self, registry: Registry, key: str, name: str, token: str, ttl: float) -> None:
+        self.registry, self.key, self.name, self.token, self.ttl = registry, key, name, token, ttl
+        self.renewed_at = time.monotonic()
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease {key}", daemon=True)
+
+    def renew(self) -> bool:
+        """Extend the lease by ttl if we still hold it; False (and `lost` set) if not."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.registry.client
+        try:
+            held = self.registry.call(client.get_registered_model, self.name)
+            if held.tags.get("owner") != self.token:
+                self.lost = f"taken over by {held.tags.get('holder') or held.tags.get('owner', '?')}"
+                return False
+            expires = f"{time.time() + self.ttl:.3f}"
+            self.registry.call(client.set_registered_model_tag, self.name, "expires_at", expires)
+            # re-read: a taker may have renamed ours away and created its own in between
+            if self.registry.call(client.get_registered_model, self.name).tags.get("owner") != self.token:
+                self.lost = "taken over while renewing"
+                return False
+        except MlflowException as e:
+            if _error_code(e) == "RESOURCE_DOES_NOT_EXIST":
+                self.lost = "deleted (expired and taken over)"
+                return False
+            log.warning("could not renew lease %s: %s", self.key, str(e).splitlines()[0][:200])
+            return True  # transient: check() fails once the ttl has passed without a renewal
+        except Exception as e:  # a server that does not answer: same as above
+            log.warning(
+                "could not renew lease %s: %s", self.key, str(e).splitlines()[0][:200] if str(e) else e
+            )
+            return True
+        self.renewed_at = time.monotonic()
+        return True
+
+    def check(self) -> None:
+        """Raise ChainConflict if this holder may no longer act under the lease."""
+        if self.lost is None and time.monotonic() - self.renewed_at > self.ttl:
+            self.lost = f"not renewed for {self.ttl:.0f} s (registry unreachable?)"
+        if self.lost is not None:
+            raise ChainConflict(
+                f"lost the lease {self.key!r}: {self.lost}; stopping before any further write"
+            )
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            if not self.renew():
+                return
+
+    def __enter__(self) -> HeldLease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if self.lost is None:
+            release(self.registry, self.name, self.token)
+
+
+def held_lease(registry: Registry, key: str, *, ttl: float, wait: float, note: str = "") -> HeldLease:
+    """Take the lease for `key` and return it, ready to be entered (`with held_lease(...) as lease:`)."""
+    name, token = acquire(registry, key, ttl=ttl, wait=wait, note=note)
+    return HeldLease(registry, key, name, token, ttl)
 
 
 def release(registry: Registry, name: str, token: str) -> None:

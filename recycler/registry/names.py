@@ -34,7 +34,7 @@ NEXT_DIFF, CHAMPION = "next-diff", "champion"
 LOCK_PREFIX = "_recycler-lock-"
 PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 RELEASE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-ALIAS = re.compile(r"^[a-z0-9][a-z0-9_-]{0,127}$")
+ALIAS = re.compile(r"^[a-z0-9][a-z0-9_-]{0,254}$")
 METRIC = re.compile(r"^[A-Za-z0-9_.\-/]{1,100}$")
 
 # Every tag on a recycler model version: name → what it says. Identity tags are set at registration
@@ -48,6 +48,7 @@ TAGS: dict[str, str] = {
     "manifest_sha256": "sha256 of the artifact's manifest.json: its address and the deduplication key",
     "artifact_uri": "where the weights are (s3://…/<kind>/<digest> or a local store path)",
     "artifact_kind": "artifact store kind: base, model or diff",
+    "release_fingerprint": "content fingerprint of the base release the cycle processed (a re-published version differs)",
     # lineage (references `name/version`)
     "parent_diff": "the Δ this model started from (M_i + Δ): on merged models and recycled fine-tunes",
     "source_ft": "on a Δ: the fine-tune it was extracted from (Δ = source_ft − base)",
@@ -61,7 +62,12 @@ TAGS: dict[str, str] = {
     # status
     "gate": "on a cycle's fine-tunes: `promoted` or `refused: <reason>` (the gate's decision)",
     "gate_champion_before": "the champion's score the gate compared against (`none` on the first cycle)",
+    "gate_champion": "the champion version the gate compared against (`none` on the first cycle)",
+    "gate_evidence": "the gate's rule and paired differences with their confidence intervals",
     "cycle_status": "`complete` once the cycle that registered this fine-tune has finished",
+    "eval_provenance": "digest of what the score measured: the task file's content and the evaluation settings",
+    "eval_outcomes": "per-example results (1 = correct, task order): zlib-compressed bits, base64",
+    "eval_n": "number of examples the score was measured on",
     "eval.<metric>": "evaluation score of this version on the family's task, e.g. eval.accuracy",
 }
 REF_TAGS = ("source_ft", "parent_diff", "source_merged", "cycle_parent_diff")
@@ -73,8 +79,10 @@ IDENTITY_TAGS = (
     "manifest_sha256",
     "artifact_uri",
     "artifact_kind",
+    "release_fingerprint",
 )
-STATUS_TAGS = ("gate", "gate_champion_before", "cycle_status")
+EVAL_TAGS = ("eval_provenance", "eval_outcomes", "eval_n")
+STATUS_TAGS = ("gate", "gate_champion_before", "gate_champion", "gate_evidence", "cycle_status", *EVAL_TAGS)
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,11 @@ class RegisteredVersion:
         value = self.tags.get(f"eval.{metric}")
         return float(value) if value is not None else None
 
+    @property
+    def fingerprint(self) -> str:
+        """The release fingerprint the version was registered for ('' before recycler recorded it)."""
+        return self.tags.get("release_fingerprint", "")
+
 
 def check_part(what: str, value: str) -> str:
     if not isinstance(value, str) or not PART.match(value):
@@ -161,8 +174,14 @@ APPROVED = "approved"
 
 
 def champion_alias(base_version: str) -> str:
-    """`approved-<base_version>`, lowercased, every character outside [a-z0-9_-] replaced by '-'."""
-    return f"{APPROVED}-{re.sub(r'[^a-z0-9_-]+', '-', base_version.lower()).strip('-') or 'none'}"[:128]
+    """`approved-<base_version>`, one alias per version and never two versions on one alias (`V5` and
+    `v5`, `v1.0` and `v1-0` are different releases): aliases allow only [a-z0-9_-], so '_' is written
+    '__', '.' '_-' and an upper-case letter '_' + its lower case; every other character is as is."""
+    escaped = "".join(
+        "__" if c == "_" else "_-" if c == "." else f"_{c.lower()}" if c.isupper() else c
+        for c in base_version
+    )
+    return f"{APPROVED}-{escaped}"
 
 
 def check_tag(key: str) -> str:
@@ -181,6 +200,7 @@ def version_tags(
     lineage: dict[str, str],
     metrics: dict[str, float] | None,
     status: dict[str, str] | None,
+    release_fingerprint: str = "",
 ) -> dict[str, str]:
     """Every tag of a new version: identity, lineage (references already resolved), eval.<metric>, status."""
     tags = {
@@ -191,6 +211,7 @@ def version_tags(
         "manifest_sha256": ref.digest,
         "artifact_uri": ref.uri,
         "artifact_kind": ref.kind,
+        "release_fingerprint": release_fingerprint,
         **lineage,
     }
     for metric, value in (metrics or {}).items():

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from recycler.redact import install_redaction, scrub
+from recycler.redact import install_redaction, redact, scrub
 from recycler.registry.links import EXPERIMENT_KIND
 
 if TYPE_CHECKING:
@@ -189,6 +189,26 @@ def keyed_run(
         yield run.info.run_id
 
 
+def finish_keyed_run(key: str, settings: Settings, note: str, *, tag: str = CYCLE_TAG) -> None:
+    """End the keyed run of finished work that a crash left RUNNING (FINISHED, with `note` appended
+    to its description); nothing if tracking is off or the run is not RUNNING."""
+    if not tracking_enabled(os.environ.get("RECYCLER_TRACK", "1") != "0"):
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.tracking_uri)
+    exp = client.get_experiment_by_name(settings.experiment)
+    found = client.search_runs([exp.experiment_id], f"tags.`{tag}` = '{key}'", max_results=1) if exp else []
+    if not found or found[0].info.status != "RUNNING":
+        return
+    run = found[0]
+    before = run.data.tags.get("mlflow.note.content", "")
+    client.set_tag(
+        run.info.run_id, "mlflow.note.content", redact(f"{before}\n\n_Closed by a re-run: {note}._\n")
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
 @contextmanager
 def child_run(
     parent_run_id: str | None,
@@ -243,12 +263,15 @@ class RunReadback:
 def read_keyed_run(
     settings: Settings, key: str, curves: tuple[str, ...] = (), *, tag: str = CYCLE_TAG
 ) -> RunReadback | None:
-    """The run of a piece of service work (a cycle: `family/variant/version`), read back from MLflow."""
+    """The run of a piece of service work, read back from MLflow. `key` is a run's key, or its start
+    followed by `@` (a cycle: `family/variant/version@`, any content of that version; the newest)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(settings.tracking_uri)
     exp = client.get_experiment_by_name(settings.experiment)
-    found = client.search_runs([exp.experiment_id], f"tags.`{tag}` = '{key}'", max_results=1) if exp else []
+    match = f"LIKE '{key}%'" if key.endswith("@") else f"= '{key}'"
+    order = ["attributes.start_time DESC"]
+    found = client.search_runs([exp.experiment_id], f"tags.`{tag}` {match}", max_results=1, order_by=order) if exp else []  # fmt: skip
     if not found:
         return None
     run_id, metrics = found[0].info.run_id, dict(found[0].data.metrics)

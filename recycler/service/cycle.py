@@ -13,22 +13,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
 from recycler.crashpoints import crash_point
-from recycler.errors import GateRefused
+from recycler.errors import ChainBlocked, ChainConflict, GateRefused
 from recycler.registry.names import CHAMPION, NEXT_DIFF, Lineage, RegisteredVersion, champion_alias
 from recycler.service import steps
+from recycler.service.chain import ChainTurn, mark_complete
 from recycler.service.services import Services
 from recycler.service.spec import CycleSpec
 from recycler.service.summary import log_cycle, verdict
 from recycler.service.workspace import Workspace
 from recycler.stages.evaluate.curves import savings
-from recycler.stages.gate import Decision, decide
-from recycler.store.releases import check_version, open_source
+from recycler.stages.gate import Decision, Evidence, decide
+from recycler.store.releases import Release, check_version
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -59,6 +61,8 @@ class CycleResult(BaseModel):
     wall_time_s: float | None = None
     registered: dict[str, str | None] = {}
     run_id: str | None = None
+    evidence: list[str] = []  # the gate's paired comparisons, with their confidence intervals
+    gate_rule: str = ""
 
 
 def run_cycle(
@@ -68,56 +72,90 @@ def run_cycle(
     *,
     services: Services | None = None,
     run: StepRunner = run_locally,
+    attempt: int | None = None,
+    fingerprint: str | None = None,
+    wait: float | None = None,
 ) -> CycleResult:
     """Algorithm 1 for the base release `version` of `source`: apply the family's Δ^iter, fine-tune,
-    evaluate, decide, extract the new Δ^iter, register everything with lineage, promote if it wins."""
+    evaluate, decide, extract the new Δ^iter, register everything with lineage, promote if it wins.
+
+    The cycle holds the family's turn (recycler.service.chain) from start to end: it starts only when
+    every earlier release is terminal, and waits up to `wait` seconds (default: the turn's ttl, so a
+    dead holder's turn is taken over) for a cycle running elsewhere. `attempt` and `fingerprint` are
+    given by a watcher that dispatched this run as a deployment: the attempt it recorded, and the
+    release content it dispatched for (a release re-published since is not processed under it).
+    """
     from recycler.registry.runs import keyed_run
 
     check_version(version)  # before any I/O
     svc = services or Services.from_settings()
+    source_of = steps.open_releases(svc, source, spec)
+    listing = run("list releases", steps.list_releases, source_of)
+    release = steps.find_release(source_of, version, listing)
+    if fingerprint and release.fingerprint[: len(fingerprint)] != fingerprint:
+        raise ChainBlocked(
+            f"{version} was re-published ({release.fingerprint[:12]}) since this run was started for {fingerprint[:12]}"
+        )
     # 0. a cycle that finished (recorded in the registry, not in a watcher) is a no-op
-    if done := run("check for a finished cycle", steps.completed_cycle, svc.registry, spec, version):
-        return CycleResult(family=spec.family, version=version, status="already-complete", registered={"ft": done.reference},
-                           scores={"ft": done.score() or 0.0}, promoted=done.tags.get("gate") == "promoted")  # fmt: skip
-    # 1. detect M_i: the release exists; stage, publish and register it
-    releases = open_source(source, spec.family, endpoint_url=svc.settings.s3_endpoint_url)
-    release = run(f"find release {version}", steps.find_release, releases, version)
-    ws = Workspace.for_release(svc.settings.home, spec.family, spec.variant, version)
-    base = run(f"stage base {version}", steps.stage_base, releases, release, ws.download, ws.base)
-    base_v = run(
-        f"register base {version}",
-        steps.publish_and_register,
-        svc,
-        base,
-        "base",
-        spec.family,
-        spec.variant,
-        version,
-    )
-    # 2. Δ^iter_{i−1}: the family's next-diff (none on the first cycle)
-    prev = run("resolve next-diff", steps.previous_diff, svc.registry, spec, version)
-    key, name = f"{spec.family}/{spec.variant}/{version}", f"cycle {spec.family}-{spec.variant}@{version}"
-    with keyed_run(key, name, _params(spec, version, release.key, prev), settings=svc.settings) as run_id:
-        c = _Cycle(svc, run, spec, ws, prev, run_id)
-        # 3.–4. pre-check M_i + Δ^iter_{i−1} and make it the start (M_i itself on the first cycle)
-        start, scores, precheck = c.start(base)
-        # 5. M*_i = FT(start); with a baseline also FT(M_i), for the savings report and Δ^dir
-        record, baseline = c.finetune(base, start, scores)
-        # 6. decide: candidate, Δ source, promotion (against the champion before this cycle)
-        champion = run("read champion", steps.champion_before, svc.registry, spec, version)
-        decision = decide(scores, champion, spec, first=prev is None)
-        # 7. Δ_i = M*_i − M_i: what the next release recycles
-        tuned = ws.finetuned(decision.delta_source)
-        delta = run("extract Δ", steps.extract_step, base, tuned, ws.delta, spec, parent_run=run_id)
-        # 8. register the merged start, the fine-tune(s) and Δ_i with lineage; 9. promote if the gate says so
-        registered = run("register cycle", register_cycle, svc, spec, ws, prev, decision, scores, delta, run_id, record, baseline)  # fmt: skip
-        run("promote", promote, svc, spec, version, decision, registered)
-        result = c.result(scores, champion, decision, precheck, record, baseline, registered)
-        result.registered["base"] = base_v.reference
-        run("log cycle", log_cycle, svc, result, record, baseline)
+    if done := run("check for a finished cycle", steps.completed_cycle, svc.registry, spec, release):
+        return _already_complete(svc, spec, release, done)
+    key = steps.cycle_key(spec, release)
+    turn = ChainTurn(svc, spec, release, listing, attempt=attempt, wait=svc.settings.chain_lease_ttl + 10 if wait is None else wait)  # fmt: skip
+    with turn:
+        if turn.done:
+            return _already_complete(svc, spec, release, steps.completed_cycle(svc.registry, spec, release))
+        # 1. detect M_i: the release exists; stage, publish and register it
+        ws = Workspace.for_release(svc.settings.home, spec.family, spec.variant, version)
+        base = run(f"stage base {version}", steps.stage_base, source_of, release, ws.download, ws.base)
+        base_v = run(f"register base {version}", steps.publish_and_register, svc, base, "base", spec.family,
+                     spec.variant, version, fingerprint=release.fingerprint)  # fmt: skip
+        # 2. Δ^iter_{i−1}: the family's next-diff (none on the first cycle)
+        prev = run("resolve next-diff", steps.previous_diff, svc.registry, spec, release)
+        name = f"cycle {spec.family}-{spec.variant}@{version}"
+        with keyed_run(key, name, _params(spec, version, release.key, prev), settings=svc.settings) as run_id:
+            c = _Cycle(svc, run, spec, ws, prev, run_id, release)
+            try:
+                result = c.body(base, base_v, turn)
+            except Exception as e:
+                note_failure(run_id, spec, release, e, turn)
+                raise
+        turn.complete(f"{verdict(result)}: {result.gate}")
     _report(result)
     (ws.root / "result.json").write_text(result.model_dump_json(indent=1) + "\n")
     return result
+
+
+def _already_complete(svc: Services, spec: CycleSpec, release: Release, done: RegisteredVersion | None) -> CycleResult:  # fmt: skip
+    """The result of a finished cycle, read back; its chain entry and MLflow run are brought to
+    `complete`/FINISHED if a crash came between the last registry write and those."""
+    from recycler.registry.runs import finish_keyed_run
+
+    assert done is not None
+    mark_complete(svc, spec, release, done)
+    finish_keyed_run(
+        steps.cycle_key(spec, release), svc.settings, f"complete (gate: {done.tags.get('gate', '?')})"
+    )
+    return CycleResult(family=spec.family, version=release.version, status="already-complete",
+                       registered={"ft": done.reference}, scores={"ft": done.score() or 0.0},
+                       promoted=done.tags.get("gate") == "promoted")  # fmt: skip
+
+
+def note_failure(run_id: str | None, spec: CycleSpec, release: Release, error: Exception, turn: ChainTurn) -> None:  # fmt: skip
+    """The cycle's run says how it ended when it did not complete (the run itself ends FAILED)."""
+    from recycler.registry.runlog import set_note
+
+    first = (str(error).splitlines() or [type(error).__name__])[0]
+    what = "refused" if isinstance(error, GateRefused) else "failed"
+    attempt = turn.entry.attempts if turn.entry else "?"
+    again = (
+        ""
+        if what == "refused"
+        else f" Attempt {attempt} of {spec.max_attempts}; a re-run resumes from the verified outputs."
+    )
+    set_note(
+        run_id,
+        f"**Release cycle {spec.family} {release.version}: {what}.** {type(error).__name__}: {first}.{again}\n",
+    )
 
 
 def _report(result: CycleResult) -> None:
@@ -146,8 +184,34 @@ class _Cycle:
     ws: Workspace
     prev: RegisteredVersion | None
     run_id: str | None
+    release: Release
 
-    def evaluate(self, label: str, model: Path, name: str) -> float:
+    def body(self, base: Path, base_v: RegisteredVersion, turn: ChainTurn) -> CycleResult:
+        run, svc, spec, ws, prev, release = self.run, self.svc, self.spec, self.ws, self.prev, self.release
+        # 3.–4. pre-check M_i + Δ^iter_{i−1} and make it the start (M_i itself on the first cycle)
+        start, evidence, precheck = self.start(base)
+        # 5. M*_i = FT(start); with a baseline also FT(M_i), for the savings report and Δ^dir
+        record, baseline = self.finetune(base, start, evidence)
+        # 6. decide: candidate, Δ source, promotion, against the champion before this cycle, measured
+        #    like this cycle's models (re-scored when its recorded score measured something else)
+        champ_v = run("read champion", steps.champion_before, svc.registry, spec, release)
+        champion = self.champion_evidence(champ_v)
+        decision = decide(evidence, champion, spec, first=prev is None)
+        # 7. Δ_i = M*_i − M_i: what the next release recycles
+        tuned = ws.finetuned(decision.delta_source)
+        delta = run("extract Δ", steps.extract_step, base, tuned, ws.delta, spec, parent_run=self.run_id)
+        # 8. register the merged start, the fine-tune(s) and Δ_i with lineage; 9. promote if the gate says so
+        turn.check()
+        registered = run("register cycle", register_cycle, svc, spec, ws, prev, decision, evidence, delta, self.run_id, record, baseline, release, champ_v)  # fmt: skip
+        turn.check()
+        run("promote", promote, svc, spec, release, decision, registered, champ_v, prev)
+        scores = {k: e.score for k, e in evidence.items()}
+        result = self.result(scores, decision, precheck, record, baseline, registered)
+        result.registered["base"] = base_v.reference
+        run("log cycle", log_cycle, svc, result, record, baseline)
+        return result
+
+    def evaluate(self, label: str, model: Path, name: str) -> Evidence:
         ev = self.spec.evaluation
         return self.run(
             label,
@@ -160,10 +224,26 @@ class _Cycle:
             parent_run=self.run_id,
         )
 
-    def start(self, base: Path) -> tuple[Path, dict[str, float], dict | None]:
-        scores = {"base": self.evaluate("evaluate base", base, "base")}
+    def champion_evidence(self, champ: RegisteredVersion | None) -> Evidence | None:
+        """The champion's score under this cycle's evaluation: its registered one if it measured the
+        same thing (same provenance, with per-example outcomes), else the champion re-scored now."""
+        if champ is None:
+            return None
+        recorded = steps.registered_evidence(champ)
+        if (
+            recorded is not None
+            and recorded.provenance == self.spec.evaluation.provenance()
+            and recorded.outcomes
+        ):
+            return recorded
+        folder = self.ws.root / f"champion-{champ.digest[:16]}"
+        fetched = self.run(f"fetch champion {champ.reference}", steps.fetch_verified, self.svc.store, champ.artifact, folder)  # fmt: skip
+        return self.evaluate(f"re-score champion {champ.reference}", fetched, "champion")
+
+    def start(self, base: Path) -> tuple[Path, dict[str, Evidence], dict | None]:
+        evidence = {"base": self.evaluate("evaluate base", base, "base")}
         if self.prev is None:
-            return base, scores, None
+            return base, evidence, None
         run, spec, ws = self.run, self.spec, self.ws
         diff = run(
             f"fetch Δ {self.prev.reference}",
@@ -180,16 +260,16 @@ class _Cycle:
         start = run(
             name, steps.apply_step, base, diff, ws.merged, spec.alpha, parent_run=self.run_id, name=name
         )
-        scores["merged"] = self.evaluate("evaluate merged", start, "merged")
-        return start, scores, precheck
+        evidence["merged"] = self.evaluate("evaluate merged", start, "merged")
+        return start, evidence, precheck
 
-    def finetune(self, base: Path, start: Path, scores: dict[str, float]) -> tuple[dict, dict | None]:
+    def finetune(self, base: Path, start: Path, evidence: dict[str, Evidence]) -> tuple[dict, dict | None]:
         run, spec, ws, first = self.run, self.spec, self.ws, self.prev is None
         label = "finetune from base" if first else "finetune from M+Δ"
         record = run(
             label, steps.finetune_step, self.svc, start, ws.ft, spec, role="ft", parent_run=self.run_id
         )
-        scores["ft"] = self.evaluate("evaluate fine-tune", ws.ft, "ft")
+        evidence["ft"] = self.evaluate("evaluate fine-tune", ws.ft, "ft")
         if not spec.baseline or first:  # on the first cycle FT(M_1) *is* the fine-tune
             return record, None
         label = "finetune from base (baseline)"
@@ -203,20 +283,20 @@ class _Cycle:
             role="ft-from-base",
             parent_run=self.run_id,
         )
-        scores["ft_from_base"] = self.evaluate("evaluate baseline", ws.baseline, "ft-from-base")
+        evidence["ft_from_base"] = self.evaluate("evaluate baseline", ws.baseline, "ft-from-base")
         return record, baseline
 
-    def result(
-        self, scores, champion, decision: Decision, precheck, record, baseline, registered
-    ) -> CycleResult:  # type: ignore[no-untyped-def]
+    def result(self, scores, decision: Decision, precheck, record, baseline, registered) -> CycleResult:  # type: ignore[no-untyped-def]
         prev = self.prev
+        gate = decision.reason
         return CycleResult(
             family=self.spec.family, version=self.ws.version, mode=self.spec.mode if prev else "first",
-            parent_diff=prev.reference if prev else None, scores=scores, champion_before=champion,
-            promoted=decision.promote, gate=decision.reason, precheck=precheck,
+            parent_diff=prev.reference if prev else None, scores=scores, champion_before=decision.champion_before,
+            promoted=decision.promote, gate=gate, precheck=precheck,
             candidate="first" if prev is None else ("recycled" if decision.candidate == "ft" else "from-base"),
             savings=savings(record, baseline) if baseline else {}, steps=record.get("steps"),
             wall_time_s=record.get("wall_time_s"), run_id=self.run_id,
+            evidence=[c.text() for c in decision.comparisons], gate_rule=decision.rule,
             registered={k: v.reference if v else None for k, v in registered.items()},
         )  # fmt: skip
 
@@ -235,35 +315,44 @@ def register_cycle(
     ws: Workspace,
     prev: RegisteredVersion | None,
     decision: Decision,
-    scores: dict[str, float],
+    evidence: dict[str, Evidence],
     delta: Path,
     run_id: str | None,
     record: dict,
     baseline_record: dict | None,
+    release: Release,
+    champion: RegisteredVersion | None,
 ) -> dict[str, RegisteredVersion | None]:
     """Merged start → fine-tune(s) → Δ, each pointing at what it came from (a fine-tune at the run that
-    trained it); the gate's decision is recorded on the fine-tunes before any alias moves (see
+    trained it) and carrying the release's fingerprint; the gate's decision, and which champion it
+    compared against, are recorded on the fine-tunes before any alias moves (see
     steps.champion_before), so every later read, and a re-run, sees the same decision."""
     version, parent, fam, var = ws.version, prev.reference if prev else None, spec.family, spec.variant
     champ = "none" if decision.champion_before is None else f"{decision.champion_before:.6g}"
-    gate = {"gate": decision.gate, "gate_champion_before": champ}
-    register = steps.publish_and_register
+    gate = {"gate": decision.gate, "gate_champion_before": champ, "gate_champion": champion.reference if champion else "none",
+            "gate_evidence": f"{decision.rule}: " + "; ".join(c.text() for c in decision.comparisons)}  # fmt: skip
+    other = {**gate, "gate": f"not the candidate ({'FT(M_i)' if decision.candidate == 'ft-from-base' else 'FT(M_i + Δ)'} was)"}  # fmt: skip
+    register = partial(steps.publish_and_register, fingerprint=release.fingerprint)
     merged = None
     if prev is not None:
         lineage = Lineage(parent_diff=parent, run_id=run_id)
         merged = register(
-            svc, ws.merged, "merged", fam, var, version, lineage=lineage, score=scores["merged"]
+            svc, ws.merged, "merged", fam, var, version, lineage=lineage, score=evidence["merged"]
         )
     lineage = Lineage(
         parent_diff=parent, source_merged=merged.reference if merged else None, role="recycled-ft" if prev else "ft",
         run_id=record.get("mlflow_run_id") or run_id,
     )  # fmt: skip
-    ft = register(svc, ws.ft, "ft", fam, var, version, lineage=lineage, score=scores["ft"], status=gate)
+    ft_status = gate if decision.candidate == "ft" else other
+    ft = register(
+        svc, ws.ft, "ft", fam, var, version, lineage=lineage, score=evidence["ft"], status=ft_status
+    )
     crash_point("cycle:registered-ft")
     baseline = None
     if baseline_record is not None:
         lineage = Lineage(role="ft-from-base", run_id=baseline_record.get("mlflow_run_id") or run_id)
-        baseline = register(svc, ws.baseline, "ft", fam, var, version, lineage=lineage, score=scores["ft_from_base"], status=gate)  # fmt: skip
+        status = gate if decision.candidate == "ft-from-base" else other
+        baseline = register(svc, ws.baseline, "ft", fam, var, version, lineage=lineage, score=evidence["ft_from_base"], status=status)  # fmt: skip
     source = baseline if decision.delta_source == "ft-from-base" else ft
     lineage = Lineage(
         source_ft=source.reference, diff_mode=decision.diff_mode, cycle_parent_diff=parent, run_id=run_id
@@ -276,18 +365,50 @@ def register_cycle(
 def promote(
     svc: Services,
     spec: CycleSpec,
-    version: str,
+    release: Release,
     decision: Decision,
     registered: dict[str, RegisteredVersion | None],
+    champion: RegisteredVersion | None,
+    prev: RegisteredVersion | None,
 ) -> None:
-    """Move approved-<version>, champion and next-diff if the gate promoted; then mark the cycle complete
-    (last: a crash before it re-runs only this cheap tail)."""
+    """Move approved-<version>, champion and next-diff if the gate promoted, as a compare-and-set
+    against what the decision saw (`champion`, `prev`); then mark the cycle complete (last: a crash
+    before it re-runs only this cheap tail).
+
+    Alias moves are made only by the holder of the family's turn, so the compare and the set cannot
+    interleave with another cycle's; an alias that moved anyway (by hand) stops the cycle with
+    ChainConflict and nothing moved. A re-run finds its own half-finished move (champion on its
+    candidate, next-diff not yet on its Δ) and finishes it: `champion` and `next-diff` always end up
+    from the same cycle.
+    """
     reg, fam, var = svc.registry, spec.family, spec.variant
     candidate = registered["baseline"] if decision.candidate == "ft-from-base" else registered["ft"]
+    diff = registered["diff"]
+    assert candidate is not None and diff is not None
     if decision.promote:
-        reg.set_alias("ft", fam, var, champion_alias(version), candidate.version)
+        now_champ = reg.get_alias("ft", fam, var, CHAMPION)
+        now_next = reg.get_alias("diff", fam, var, NEXT_DIFF)
+        expect = (_ver(champion), _ver(prev))
+        ours = (candidate.version, diff.version)
+        seen = (_ver(now_champ), _ver(now_next))
+        if seen != expect and seen != ours and seen != (ours[0], expect[1]):
+            raise ChainConflict(
+                f"{fam}-{var}: the aliases moved since this cycle decided (champion {_ref(now_champ)}, "
+                f"next-diff {_ref(now_next)}; expected {_ref(champion)}, {_ref(prev)}); nothing was promoted. "
+                f"Re-run the cycle of {release.version} to re-decide against the current champion"
+            )
+        reg.set_alias("ft", fam, var, champion_alias(release.version), candidate.version)
         reg.set_alias("ft", fam, var, CHAMPION, candidate.version)  # last: newest in the server's order
         crash_point("cycle:aliases-half-moved")
-        reg.set_alias("diff", fam, var, NEXT_DIFF, registered["diff"].version)
-        log.info("champion → %s, next-diff → %s", candidate.reference, registered["diff"].reference)
+        reg.set_alias("diff", fam, var, NEXT_DIFF, diff.version)
+        log.info("champion → %s, next-diff → %s", candidate.reference, diff.reference)
     reg.set_tags(registered["ft"], {"cycle_status": steps.CYCLE_COMPLETE})
+    crash_point("cycle:complete-tagged")
+
+
+def _ver(v: RegisteredVersion | None) -> str | None:
+    return v.version if v is not None else None
+
+
+def _ref(v: RegisteredVersion | None) -> str:
+    return v.reference if v is not None else "none"

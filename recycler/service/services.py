@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import yaml
 
 from recycler.errors import FinetuneFailed
+from recycler.stages.gate import Evidence
 
 if TYPE_CHECKING:
     from recycler.registry.client import Registry
@@ -37,8 +38,9 @@ class Trainer(Protocol):
 
 
 class Scorer(Protocol):
-    def score(self, model: Path, evaluation: EvalSettings) -> float:
-        """The model's score on the task of `evaluation` (higher is better)."""
+    def score(self, model: Path, evaluation: EvalSettings) -> float | Evidence:
+        """The model's score on the task of `evaluation` (higher is better); with per-example results
+        (an Evidence's `outcomes`, in task order) the gate reads the noise of its comparisons."""
         ...
 
 
@@ -107,7 +109,9 @@ class TaskScorer:
             chat=evaluation.chat,
         )
         tokenizer = load_tokenizer(model, require_chat_template=evaluation.chat)
-        return float(task.evaluate(load_causal_lm(model), tokenizer).score)
+        result = task.evaluate(load_causal_lm(model), tokenizer)
+        outcomes = tuple(int(bool(r["correct"])) for r in result.records if "correct" in r)
+        return Evidence(float(result.score), outcomes if len(outcomes) == result.n else None)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,19 @@ class EvalSettings(BaseModel):
     )
     chat: bool = Field(True, description="wrap prompts in the model's chat template")
 
+    def provenance(self) -> str:
+        """What a score under these settings measured, as 16 hex digits: the task file's content (not
+        its path: an edited file is another measurement) and every setting that changes a result
+        (the batch size does not). Scores are cached, compared and registered with it."""
+        import hashlib
+        import json
+
+        from recycler.io.manifest import sha256_file
+
+        body = self.model_dump(mode="json", exclude={"batch_size", "task"})
+        body["task_sha256"] = sha256_file(self.task).sha256
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
 
 class CycleSpec(BaseModel):
     """What a family's release cycle needs besides the release itself."""
@@ -74,7 +87,20 @@ class CycleSpec(BaseModel):
         0.5, gt=0, description="refuse a Δ whose ‖Δ‖/‖base‖ exceeds this (unrelated models)"
     )
     gate_margin: float = Field(
-        0.0, description="promote only a fine-tune that beats its base and the champion by this much"
+        0.0,
+        description="superiority: promote when the paired difference's lower confidence bound exceeds this; "
+        "non-inferiority: when it exceeds minus this",
+    )
+    gate_rule: Literal["superiority", "non-inferiority"] = Field(
+        "superiority",
+        description="superiority: beat base and champion beyond noise (ties never promote); non-inferiority: "
+        "beat the base, and be no worse than the champion by more than gate_margin (a new base you want)",
+    )
+    gate_confidence: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1,
+        description="two-sided confidence of the paired difference's interval the gate reads",
     )
     baseline: bool = Field(
         False, description="also fine-tune from the plain base: the savings report, and Δ^dir in direct mode"
@@ -87,6 +113,22 @@ class CycleSpec(BaseModel):
     )
     precheck_min_score: float | None = Field(
         None, description="stop the cycle before fine-tuning when the pre-check scores below this"
+    )
+
+    on_republish: Literal["new-cycle", "refuse"] = Field(
+        "new-cycle",
+        description="a version re-published with other content: run a new cycle for it (if no newer release "
+        "was processed), or refuse it (recorded, reported once)",
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="attempts of a failing or crashed cycle before the release is given up"
+    )
+    after_failure: Literal["stop", "continue"] = Field(
+        "stop", description="a release given up blocks the chain until an operator retries or skips it (stop)"
+    )
+    after_refusal: Literal["continue", "stop"] = Field(
+        "continue",
+        description="a release refused (pre-check, re-publication) lets the chain go on (continue)",
     )
 
     @model_validator(mode="after")

@@ -9,23 +9,26 @@ manifest digest) and read the registry, never a watcher's memory, to know what h
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recycler.errors import InvalidReleaseId, RecyclerError, VerificationFailed
 from recycler.io.atomic import atomic_folder, link_or_copy
 from recycler.io.layout import MANIFEST_NAME, is_release_file
-from recycler.io.manifest import manifest_digest, verify_folder, write_manifest
+from recycler.io.manifest import manifest_digest, read_manifest, verify_folder, write_manifest
 from recycler.registry.names import CHAMPION, NEXT_DIFF, Lineage, RegisteredVersion
 from recycler.registry.runlog import log_json_artifact, log_metrics
 from recycler.registry.runs import child_run
 from recycler.service.services import FT_RECORD, Services
-from recycler.store.releases import Release, ReleaseSource, check_version
+from recycler.stages.gate import Evidence, as_evidence
+from recycler.store.releases import Release, ReleaseSource, check_version, open_source
 
 if TYPE_CHECKING:
     from recycler.registry.client import Registry
@@ -51,32 +54,66 @@ def is_complete(folder: Path) -> bool:
     return True
 
 
-def find_release(source: ReleaseSource, version: str) -> Release:
+def open_releases(svc: Services, source: str, spec: CycleSpec) -> ReleaseSource:
+    """The family's release source, with its file digests cached under the home (a folder's
+    fingerprints are of content: hashed once per file change, not on every poll)."""
+    digests = svc.settings.home / "digests" / f"{hashlib.sha256(source.encode()).hexdigest()[:16]}.json"
+    return open_source(source, spec.family, endpoint_url=svc.settings.s3_endpoint_url, digests=digests)
+
+
+def list_releases(source: ReleaseSource) -> list[Release]:
+    """The complete releases of `source`, oldest first (ones still being copied are left out)."""
+    return source.list()
+
+
+def cycle_key(spec: CycleSpec, release: Release) -> str:
+    """The key of a cycle's MLflow run: one per release version and content."""
+    return f"{spec.family}/{spec.variant}/{release.version}@{release.fingerprint[:12]}"
+
+
+def find_release(source: ReleaseSource, version: str, listing: list[Release] | None = None) -> Release:
     """The release `version` of `source` (ids are validated before the source is listed)."""
     check_version(version)
-    releases = source.list()
+    releases = source.list() if listing is None else listing
     for release in releases:
         if release.version == version:
             return release
     known = ", ".join(r.version for r in releases) or "none"
+    partial = source.incomplete.get(version)
+    why = f"; {version} is not complete yet: {partial}" if partial else ""
     raise InvalidReleaseId(
-        f"no release {version!r} of family {source.family!r} in the release source (it has: {known})"
+        f"no release {version!r} of family {source.family!r} in the release source (it has: {known}){why}"
     )
+
+
+def staged_fingerprint(dest: Path) -> str | None:
+    """The release fingerprint a staged base was made from (None if there is no complete one)."""
+    if not is_complete(dest):
+        return None
+    body, _ = read_manifest(dest)
+    return body.get("release_fingerprint")
 
 
 def stage_base(source: ReleaseSource, release: Release, download: Path, dest: Path) -> Path:
     """A manifest-carrying view of the release (hard links, no copy) that the store can publish.
 
-    The release folder itself is never written to: it may be a user's checkpoint or a mounted bucket.
-    Only weights, configs, tokenizer and templates are carried on (`is_release_file`), never pickles.
+    Reused only when it was staged from this very release content (its fingerprint): a release
+    re-published under the same version, or a stale download, is staged again. The release folder
+    itself is never written to: it may be a user's checkpoint or a mounted bucket. Only weights,
+    configs, tokenizer and templates are carried on (`is_release_file`), never pickles.
     """
     from recycler.io.checkpoint import open_checkpoint
 
-    if is_complete(dest):
+    if staged_fingerprint(dest) == release.fingerprint:
         return dest
     if dest.exists():
         shutil.rmtree(dest)
-    local = source.materialize(release, download)
+    fresh = download / release.fingerprint[:16]  # downloads are per content, never reused across it
+    if download.is_dir():
+        for old in download.iterdir():
+            if old != fresh:
+                shutil.rmtree(old, ignore_errors=True)
+    local = source.materialize(release, fresh)
     open_checkpoint(local)  # validate (pickles, index, headers) before anything else
     with atomic_folder(dest, [local]) as tmp:
         for f in sorted(Path(local).iterdir()):
@@ -159,11 +196,11 @@ def finetune_step(
     from recycler.io.manifest import sha256_file
     from recycler.store import ensure_manifest
 
-    inputs = {
+    inputs = {  # what determines the weights; evaluation-only settings never throw a fine-tune away
         "op": "finetune",
         "start": manifest_digest(start),
         "train": sha256_file(spec.train).sha256,
-        "config": spec.finetune_config().model_dump(mode="json"),
+        "config": json.loads(json.dumps(spec.finetune_config().resume_fingerprint(), default=str)),
     }
     run_marker = dest.parent / f".{dest.name}.mlflow-run"
     if not reusable(dest, inputs, complete=False) or not (dest / FT_RECORD).is_file():
@@ -186,26 +223,52 @@ def evaluate_cached(
     *,
     name: str,
     parent_run: str | None = None,
-) -> float:
-    """Score of `model`, cached per (model manifest, evaluation settings) so re-runs skip it."""
+) -> Evidence:
+    """Score of `model` with its per-example outcomes, cached by content: the model's manifest and
+    the evaluation's provenance (the task file's digest and every setting that changes a result), so a
+    re-run skips it and an edited task file or setting is measured anew, never read from the cache."""
     cache.mkdir(parents=True, exist_ok=True)
-    how = evaluation.model_dump_json(exclude={"batch_size"})  # the same model under other settings differs
-    setting = hashlib.sha256(how.encode()).hexdigest()[:8]
-    key = f"{name}-{manifest_digest(model)[:16]}-{setting}.json"
+    provenance = evaluation.provenance()
+    key = f"{manifest_digest(model)[:16]}-{provenance}.json"
     if (cache / key).is_file():
-        score = float(json.loads((cache / key).read_text())["score"])
-        log.info("%s (%s): %s %.1f%% (cached)", name, model.parent.name, METRIC, 100 * score)
-        return score
+        cached = json.loads((cache / key).read_text())
+        outcomes = cached.get("outcomes")
+        evidence = Evidence(
+            float(cached["score"]), tuple(outcomes) if outcomes is not None else None, provenance
+        )
+        log.info("%s (%s): %s %.1f%% (cached)", name, model.parent.name, METRIC, 100 * evidence.score)
+        return evidence
     with child_run(
         parent_run, f"evaluate {name} {model.parent.name}", params={"model": name, "task": evaluation.task}
     ) as run_id:
-        score = svc.scorer.score(model, evaluation)
-        log_metrics({"accuracy": score}, run_id=run_id)
-    log.info("%s (%s): %s %.1f%%", name, model.parent.name, METRIC, 100 * score)
+        scored = as_evidence(svc.scorer.score(model, evaluation))
+        evidence = Evidence(scored.score, scored.outcomes, provenance)
+        log_metrics({"accuracy": evidence.score}, run_id=run_id)
+    log.info("%s (%s): %s %.1f%%", name, model.parent.name, METRIC, 100 * evidence.score)
+    record = {"score": evidence.score, "outcomes": evidence.outcomes, "provenance": provenance, "task": str(evaluation.task)}  # fmt: skip
     tmp = cache / f".{key}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"score": score, "task": str(evaluation.task)}))
+    tmp.write_text(json.dumps(record))
     os.replace(tmp, cache / key)
-    return score
+    return evidence
+
+
+def eval_tags(evidence: Evidence) -> dict[str, str]:
+    """The status tags that say what a registered score measured (recycler.registry.names.EVAL_TAGS)."""
+    tags = {"eval_provenance": evidence.provenance} if evidence.provenance else {}
+    if evidence.outcomes is not None:
+        packed = base64.b64encode(zlib.compress(bytes(evidence.outcomes), 9)).decode()
+        tags |= {"eval_outcomes": packed, "eval_n": str(len(evidence.outcomes))}
+    return tags
+
+
+def registered_evidence(version: RegisteredVersion) -> Evidence | None:
+    """A registered version's score as the gate reads it (None when it has no score)."""
+    score = version.score(METRIC)
+    if score is None:
+        return None
+    packed = version.tags.get("eval_outcomes")
+    outcomes = tuple(zlib.decompress(base64.b64decode(packed))) if packed else None
+    return Evidence(score, outcomes, version.tags.get("eval_provenance", ""))
 
 
 def precheck_step(target: Path, diff: Path, spec: CycleSpec) -> dict:
@@ -220,33 +283,43 @@ def precheck_step(target: Path, diff: Path, spec: CycleSpec) -> dict:
 # ---------------------------------------------------------------------------------------------- registry
 
 
-def completed_cycle(registry: Registry, spec: CycleSpec, version: str) -> RegisteredVersion | None:
-    """The fine-tune of a cycle that already ran to the end for this base version, if any."""
+def of_release(v: RegisteredVersion, release: Release) -> bool:
+    """Whether a registered version belongs to this release's cycle: same version and content
+    (versions registered before recycler recorded fingerprints match on the version alone)."""
+    fp = v.fingerprint
+    return v.tags.get("base_version") == release.version and (not fp or fp == release.fingerprint)
+
+
+def completed_cycle(registry: Registry, spec: CycleSpec, release: Release) -> RegisteredVersion | None:
+    """The fine-tune of a cycle that already ran to the end for this release (version and content)."""
     for v in registry.versions("ft", spec.family, spec.variant):
-        if v.tags.get("base_version") == version and v.tags.get("cycle_status") == CYCLE_COMPLETE:
+        if of_release(v, release) and v.tags.get("cycle_status") == CYCLE_COMPLETE:
             return v
     return None
 
 
-def previous_diff(registry: Registry, spec: CycleSpec, version: str) -> RegisteredVersion | None:
+def previous_diff(registry: Registry, spec: CycleSpec, release: Release) -> RegisteredVersion | None:
     """The Δ this cycle applies: the family's `next-diff`, unless this very cycle already moved the
     alias before being interrupted, in which case the Δ it applied is recorded on the new Δ."""
     prev = registry.get_alias("diff", spec.family, spec.variant, NEXT_DIFF)
-    if prev is not None and prev.tags.get("base_version") == version:
+    if prev is not None and of_release(prev, release) and prev.fingerprint:
         parent = prev.tags.get("cycle_parent_diff")
+        prev = registry.resolve(parent) if parent else None
+    elif prev is not None and prev.tags.get("base_version") == release.version and not prev.fingerprint:
+        parent = prev.tags.get("cycle_parent_diff")  # registered before fingerprints were recorded
         prev = registry.resolve(parent) if parent else None
     return prev
 
 
-def champion_before(registry: Registry, spec: CycleSpec, version: str) -> float | None:
-    """The champion's score before this cycle. An interrupted attempt of this very cycle recorded it on
-    its fine-tunes before moving any alias, so a re-run decides exactly as the first attempt did."""
+def champion_before(registry: Registry, spec: CycleSpec, release: Release) -> RegisteredVersion | None:
+    """The champion before this cycle. An interrupted attempt of this very cycle recorded which one it
+    compared against on its fine-tunes before moving any alias, so a re-run decides against the same
+    champion (not against its own half-promoted fine-tune)."""
     for v in registry.versions("ft", spec.family, spec.variant):
-        if v.tags.get("base_version") == version and "gate_champion_before" in v.tags:
-            recorded = v.tags["gate_champion_before"]
-            return None if recorded == "none" else float(recorded)
-    champ = registry.get_alias("ft", spec.family, spec.variant, CHAMPION)
-    return champ.score(METRIC) if champ is not None else None
+        if of_release(v, release) and "gate_champion" in v.tags:
+            recorded = v.tags["gate_champion"]
+            return None if recorded == "none" else registry.resolve(recorded)
+    return registry.get_alias("ft", spec.family, spec.variant, CHAMPION)
 
 
 def fetch_verified(store: ArtifactStore, ref: ArtifactRef, dest: Path) -> Path:
@@ -265,13 +338,18 @@ def publish_and_register(
     base_version: str,
     *,
     lineage: Lineage = Lineage(),
-    score: float | None = None,
+    score: Evidence | float | None = None,
     status: dict[str, str] | None = None,
+    fingerprint: str = "",
 ) -> RegisteredVersion:
-    """Publish `folder` to the store (files first, manifest last) and register it: both idempotent."""
+    """Publish `folder` to the store (files first, manifest last) and register it: both idempotent.
+    A score is registered with its provenance and per-example outcomes (`eval_tags`)."""
     store_kind = {"base": "base", "diff": "diff"}.get(kind, "model")
     ref = svc.store.publish(folder, store_kind)
-    metrics = {METRIC: score} if score is not None else None
+    metrics, status = None, dict(status or {})
+    if score is not None:
+        evidence = as_evidence(score)
+        metrics, status = {METRIC: evidence.score}, eval_tags(evidence) | status
     version = svc.registry.register(
         kind,
         family,
@@ -280,7 +358,8 @@ def publish_and_register(
         base_version=base_version,
         lineage=lineage,
         metrics=metrics,
-        status=status,
+        status=status or None,
+        release_fingerprint=fingerprint,
     )
     log.info("registered %s (%s of release %s)", version.reference, kind, base_version)
     return version

@@ -26,6 +26,7 @@ from recycler.service.services import Services
 from recycler.service.spec import CycleSpec, EvalSettings
 from recycler.service.summary import log_transfer
 from recycler.service.workspace import Workspace
+from recycler.stages.gate import Evidence
 from recycler.store.releases import check_id, check_version
 
 How = Literal["backport", "recycle"]
@@ -137,15 +138,16 @@ class _Transfer:
         diff = run(f"fetch Δ {delta_v.reference}", steps.fetch_verified, svc.store, delta_v.artifact, fetched)
         apply = f"apply Δ {delta_v.reference} to base {target}"
         out = run(apply, steps.apply_step, base, diff, ws.transfer(how, key), req.alpha, parent_run=self.run_id, name=apply)  # fmt: skip
-        scores = {"base": self.evaluate(f"evaluate base {target}", base, "base"),
-                  "merged": self.evaluate(f"evaluate {how}", out, how)}  # fmt: skip
+        evidence = {"base": self.evaluate(f"evaluate base {target}", base, "base"),
+                    "merged": self.evaluate(f"evaluate {how}", out, how)}  # fmt: skip
+        scores = {k: e.score for k, e in evidence.items()}
         lineage = Lineage(parent_diff=delta_v.reference, transfer=how, diff_base_version=delta_v.tags.get("base_version"), run_id=self.run_id)  # fmt: skip
         merged_v = run(f"register {how}", steps.publish_and_register, svc, out, "merged", req.family, req.variant,
-                       target, lineage=lineage, score=scores["merged"])  # fmt: skip
+                       target, lineage=lineage, score=evidence["merged"])  # fmt: skip
         return TransferResult(how=how, diff=delta_v.reference, target=target, base=base_v.reference, alpha=req.alpha,
                               scores=scores, registered=merged_v.reference, run_id=self.run_id)  # fmt: skip
 
-    def evaluate(self, label: str, model: Path, name: str) -> float:
+    def evaluate(self, label: str, model: Path, name: str) -> Evidence:
         ev, evals = self.request.evaluation, self.ws.evals
         return self.run(
             label, steps.evaluate_cached, self.svc, model, ev, evals, name=name, parent_run=self.run_id

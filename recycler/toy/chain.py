@@ -95,8 +95,8 @@ def run_chain(
         if not (releases / v).is_dir():
             shutil.copytree(family.versions[v], releases / v, copy_function=os.link)
     with _tracking_on():
-        watch(str(releases), spec, lambda r: run_cycle(r.version, str(releases), spec, services=svc).model_dump(),
-              services=svc, lock=False)  # fmt: skip
+        watch(str(releases), spec, lambda r, _a, _k: run_cycle(r.version, str(releases), spec, services=svc).model_dump(),
+              services=svc)  # fmt: skip
     return read_chain(svc, spec, versions)
 
 
@@ -109,7 +109,7 @@ def read_chain(svc: Services, spec: CycleSpec, versions: list[str]) -> Chain:
     }
     chain = Chain(spec.family, {}, {}, {}, {}, {}, {}, {}, {})
     for v in versions:
-        run = read_keyed_run(svc.settings, f"{spec.family}/{spec.variant}/{v}", CURVES)
+        run = read_keyed_run(svc.settings, f"{spec.family}/{spec.variant}/{v}@", CURVES)
         if run is None:
             raise ReproduceError(f"no cycle run for {spec.family} {v} in {svc.settings.tracking_uri}")
         m = run.metrics
