@@ -16,16 +16,16 @@ from fakes import FakeScorer, FakeTrainer, table
 
 from recycler.errors import ChainBlocked, GateRefused
 from recycler.registry.chain import ChainLedger
-from recycler.service.chain import operator_update
 from recycler.registry.client import Registry
 from recycler.service import steps
+from recycler.service.chain import operator_update
 from recycler.service.cycle import run_cycle, run_locally
 from recycler.service.services import Services
 from recycler.service.spec import CycleSpec
 from recycler.settings import Settings
 from recycler.stages.gate import decide
-from recycler.store.releases import Release
 from recycler.store.local import LocalStore
+from recycler.store.releases import Release
 
 
 @pytest.fixture
@@ -196,7 +196,11 @@ def test_refused_gate_moves_no_alias_but_completes_the_cycle(world):
     svc = services(settings, {**SECOND, ("v2", "ft"): 0.61})
     first = run_cycle("v1", str(releases), spec(), services=svc)
     out = run_cycle("v2", str(releases), spec(gate_margin=0.05), services=svc)
-    assert not out.promoted and "vs champion, interval" in out.gate and "not above +0.05 (superiority)" in out.gate
+    assert (
+        not out.promoted
+        and "vs champion, interval" in out.gate
+        and "not above +0.05 (superiority)" in out.gate
+    )
     ft = svc.registry.resolve(out.registered["ft"])
     assert ft.tags["gate"].startswith("refused") and ft.tags["cycle_status"] == "complete"
     assert aliases(svc, "ft:fam:inst") == {"champion": "1", "approved-v1": "1"}

@@ -267,4 +267,6 @@ def operator_update(
             raise ChainBlocked(f"{version} is {entry.state}: nothing to {action}")
         if action == "retry":
             return ledger.put(entry.moved("failed", attempts=0, reason=f"retry requested by an operator {reason}".strip()))  # fmt: skip
-        return ledger.put(entry.moved("skipped", reason=f"skipped by an operator: {reason or 'no reason given'}"))
+        return ledger.put(
+            entry.moved("skipped", reason=f"skipped by an operator: {reason or 'no reason given'}")
+        )
