@@ -100,6 +100,12 @@ class ChainConflict(RecyclerError):
     exit_code = 15
 
 
+class LeaseBusy(RegistryError):
+    """A registry lease (a registration's, or a family's turn in its chain) is held by a live holder."""
+
+    exit_code = 16
+
+
 class RegistryUnavailable(RegistryError):
     """The MLflow registry did not answer within the bounded retries."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from recycler.service.spec import CycleSpec
+from recycler.settings import Settings
 from recycler.toy.tiny import build_tiny_model, perturb_model
 
 pytest_plugins = ["servers"]  # session fixtures with real servers: moto_s3, mlflow_server, postgres, …
@@ -189,3 +192,27 @@ def tiny_releases(tmp_path_factory) -> dict[str, Path]:
         "".join(json.dumps({"prompt": f"{a}+{a}?", "response": str(2 * a)}) + "\n" for a in range(8))
     )
     return {"v1": v1, "v2": v2, "v3": v3, "sample": sample}
+
+
+@pytest.fixture
+def world(tiny_releases, tmp_path, monkeypatch):
+    """A release folder (versions appear as they are published), settings and a spec factory."""
+    monkeypatch.setenv("RECYCLER_TRACK", "0")
+    releases = tmp_path / "releases"
+    releases.mkdir()
+    settings = Settings(home=tmp_path / "home", tracking_uri="", registry_uri="", artifact_store="")
+
+    def publish(*versions: str) -> None:
+        for v in versions:
+            shutil.copytree(tiny_releases[v], releases / v, copy_function=os.link)
+
+    def spec(**kw) -> CycleSpec:
+        base = {
+            "family": "fam",
+            "variant": "inst",
+            "train": tiny_releases["sample"],
+            "evaluation": {"task": tiny_releases["sample"]},
+        }
+        return CycleSpec(**{**base, "max_relative_norm": 5.0, **kw})
+
+    return releases, settings, publish, spec

@@ -15,8 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recycler.errors import FinetuneFailed
+from recycler.registry.client import Registry
+from recycler.service.services import Services
 from recycler.service.spec import CycleSpec, EvalSettings
+from recycler.settings import Settings
 from recycler.stages.gate import Evidence
+from recycler.store.local import LocalStore
 from recycler.toy.tiny import perturb_model
 
 ROLE_OF_FOLDER = {"base": "base", "merged": "merged", "ft": "ft", "ft-from-base": "ft_from_base"}
@@ -32,13 +37,19 @@ def _where(model: Path) -> tuple[str, str]:
 
 @dataclass
 class FakeTrainer:
+    """`failures`: release version → how many more times its fine-tune fails (a lost GPU node)."""
+
     scores: Scores
     steps: int = 30
     calls: list[tuple[Path, Path]] = field(default_factory=list)
+    failures: dict[str, int] = field(default_factory=dict)
 
     def finetune(self, start: Path, dest: Path, spec: CycleSpec, *, run_id: str | None = None) -> None:
         self.calls.append((Path(start), Path(dest)))
         version, role = _where(dest)
+        if self.failures.get(version, 0) > 0:
+            self.failures[version] -= 1
+            raise FinetuneFailed(f"fine-tuning {start} exited with code 1 (the fake GPU node was lost)")
         final = self.scores(version, role)
         tmp = dest.parent / f".{dest.name}.fake"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -70,3 +81,19 @@ class FakeScorer:
 def table(values: dict[tuple[str, str], float], default: float = 0.0) -> Scores:
     """Scores from {(version, role): score}; bases score `default` unless listed."""
     return lambda version, role: values.get((version, role), default)
+
+
+def services(settings: Settings, scores: dict, **trainer: object) -> Services:
+    """Services of a test: the fakes above on `scores`, a local store and the settings' registry."""
+    return Services(
+        settings,
+        LocalStore(Path(settings.artifact_store)),
+        Registry(settings.tracking_uri),
+        FakeTrainer(table(scores), **trainer),  # type: ignore[arg-type]
+        FakeScorer(table(scores)),
+    )
+
+
+def aliases(svc: Services, name: str) -> dict[str, str]:
+    """alias → version of one model, `kind:family:variant`."""
+    return {a: v.version for v in svc.registry.versions(*name.split(":")) for a in v.aliases}

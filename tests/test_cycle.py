@@ -8,60 +8,20 @@ all run for real; only the fine-tune is a perturbation and the scores come from 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
-from fakes import FakeScorer, FakeTrainer, table
+from fakes import aliases, services
 
 from recycler.errors import ChainBlocked, GateRefused
 from recycler.registry.chain import ChainLedger
-from recycler.registry.client import Registry
 from recycler.service import steps
 from recycler.service.chain import operator_update
 from recycler.service.cycle import run_cycle, run_locally
 from recycler.service.services import Services
-from recycler.service.spec import CycleSpec
 from recycler.settings import Settings
 from recycler.stages.gate import decide
-from recycler.store.local import LocalStore
 from recycler.store.releases import Release
-
-
-@pytest.fixture
-def world(tiny_releases, tmp_path, monkeypatch):
-    """A release folder (versions appear as they are published), settings and a spec factory."""
-    monkeypatch.setenv("RECYCLER_TRACK", "0")
-    releases = tmp_path / "releases"
-    releases.mkdir()
-    settings = Settings(home=tmp_path / "home", tracking_uri="", registry_uri="", artifact_store="")
-
-    def publish(*versions: str) -> None:
-        for v in versions:
-            shutil.copytree(tiny_releases[v], releases / v, copy_function=os.link)
-
-    def spec(**kw) -> CycleSpec:
-        base = {
-            "family": "fam",
-            "variant": "inst",
-            "train": tiny_releases["sample"],
-            "evaluation": {"task": tiny_releases["sample"]},
-        }
-        return CycleSpec(**{**base, "max_relative_norm": 5.0, **kw})
-
-    return releases, settings, publish, spec
-
-
-def services(settings: Settings, scores: dict) -> Services:
-    trainer, scorer = FakeTrainer(table(scores)), FakeScorer(table(scores))
-    return Services(
-        settings, LocalStore(Path(settings.artifact_store)), Registry(settings.tracking_uri), trainer, scorer
-    )
-
-
-def aliases(svc: Services, name: str) -> dict[str, str]:
-    return {a: v.version for v in svc.registry.versions(*name.split(":")) for a in v.aliases}
-
 
 FIRST = {("v1", "ft"): 0.6}
 SECOND = {**FIRST, ("v2", "merged"): 0.4, ("v2", "ft"): 0.7, ("v2", "ft_from_base"): 0.65}
@@ -225,7 +185,7 @@ def test_precheck_below_threshold_stops_before_fine_tuning(world, tiny_releases)
     assert [v.tags["base_version"] for v in svc.registry.versions("ft", "fam", "inst")] == ["v1"]
     (entry,) = [e for e in ChainLedger(svc.registry, "fam", "inst").entries().values() if e.version == "v2"]
     assert entry.state == "refused" and "pre-check score" in entry.reason  # terminal, with its reason
-    with pytest.raises(ChainBlocked, match="v2 is refused .*recycler chain retry"):  # not re-checked
+    with pytest.raises(ChainBlocked, match="v2 is refused .*recycler chain retry v2"):  # not re-checked
         run_cycle("v2", str(releases), strict, services=svc)
     operator_update(svc, strict, "v2", "retry")  # an operator lowers the bar and asks again
     out = run_cycle(

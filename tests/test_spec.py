@@ -37,7 +37,7 @@ def test_relative_paths_and_defaults(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ("gate_margn: 0.05\n", "unknown field 'gate_margn' (did you mean gate_margin?"),
+        ("gate_margn: 0.05\n", "unknown field 'gate_margn' (did you mean gate_margin"),
         ("baselin: true\n", "unknown field 'baselin' (did you mean baseline"),
         ("precheck_min_scor: 0.2\n", "unknown field 'precheck_min_scor' (did you mean precheck_min_score"),
         (

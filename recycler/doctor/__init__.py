@@ -21,7 +21,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from recycler.doctor import packages
-from recycler.doctor.registry import check_artifacts, check_locks
+from recycler.doctor.registry import check_artifacts, check_chains, check_locks
 from recycler.doctor.result import CheckResult, first_line
 from recycler.doctor.servers import check_http, check_tracking
 from recycler.doctor.storage import (
@@ -83,6 +83,7 @@ def run_doctor(
     store = _store_checks(run, settings, timeout, fix, upload_age)
     if registry is not None:
         run("registration leases", lambda: check_locks(registry, fix=fix))
+        run("release chains", lambda: check_chains(registry))
     if store is not None:
         run("artifacts", lambda: check_artifacts(store, registry, verify=verify, no_registry=no_registry))
         run("partial publishes", lambda: check_partial_publishes(store))

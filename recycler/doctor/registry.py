@@ -46,6 +46,28 @@ def check_locks(registry: Registry, *, fix: bool = False) -> CheckResult:
     )
 
 
+def check_chains(registry: Registry) -> CheckResult:
+    """Every family's release chain: which release blocks it (given up, refused, failed and waiting
+    for its retry, or in flight for longer than a day) and how to unblock it."""
+    from recycler.registry.chain import ChainLedger
+
+    chains = registry.call(registry.client.search_registered_models, "tags.`recycler.kind` = 'chain'", max_results=1000)  # fmt: skip
+    problems = []
+    for model in chains:
+        family, variant = model.tags.get("recycler.family", "?"), model.tags.get("recycler.variant", "?")
+        for e in ChainLedger(registry, family, variant).entries().values():
+            stuck = e.state in ("dispatched", "running") and time.time() - e.updated > 86400
+            if e.state in ("gave-up", "failed") or stuck:
+                what = f"in flight since {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.updated))}" if stuck else f"{e.state} after {e.attempts} attempt(s)"  # fmt: skip
+                problems.append(
+                    f"{family}-{variant} {e.version}: {what} ({e.reason}); unblock with `recycler chain retry "
+                    f"{e.version} --spec SPEC` or `recycler chain skip {e.version} --spec SPEC --reason …`"
+                )
+    if not problems:
+        return CheckResult(name="release chains", status="ok", detail=f"{len(chains)} chain(s), none blocked")
+    return CheckResult(name="release chains", status="warn", detail=listing(problems), items=problems)
+
+
 def check_artifacts(
     store: ArtifactStore,
     registry: Registry | None,

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from recycler.errors import ChainConflict, RegistryError
+from recycler.errors import ChainConflict, LeaseBusy
 from recycler.registry.names import LOCK_PREFIX
 
 if TYPE_CHECKING:
@@ -127,10 +127,6 @@ def acquire(registry: Registry, key: str, *, ttl: float, wait: float, note: str 
                 f"waited {wait:.0f} s"
             )
         time.sleep(random.uniform(0.05, 0.25))
-
-
-class LeaseBusy(RegistryError):
-    """The lease is held by a live holder (raised after waiting `wait` seconds)."""
 
 
 class HeldLease:

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from recycler.errors import ChainBlocked, ChainConflict, GateRefused
+from recycler.errors import ChainBlocked, GateRefused
 from recycler.registry.chain import IN_FLIGHT, ChainEntry, ChainLedger, entry_key
 from recycler.store.releases import Release, version_key
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from recycler.service.services import Services
 
 log = logging.getLogger(__name__)
-UNBLOCK = "unblock with `recycler chain retry {family}-{variant} {version}` (try again) or `recycler chain skip {family}-{variant} {version} --reason …` (go on without it)"  # fmt: skip
+UNBLOCK = "unblock {family}-{variant} with `recycler chain retry {version} --spec SPEC` (try again) or `recycler chain skip {version} --spec SPEC --reason …` (go on without it)"  # fmt: skip
 
 
 class ChainPolicy(Protocol):
@@ -145,7 +145,8 @@ class ChainTurn:
             self.lease.check()
 
     def __enter__(self) -> ChainTurn:
-        from recycler.registry.lease import LeaseBusy, held_lease
+        from recycler.errors import LeaseBusy
+        from recycler.registry.lease import held_lease
 
         key = chain_key(self.policy.family, self.policy.variant)
         ttl = self.svc.settings.chain_lease_ttl
@@ -217,12 +218,7 @@ class ChainTurn:
             ours = self.entry is not None and not self.done and self.entry.state in IN_FLIGHT
             # an Exception ends the attempt (a crash, KeyboardInterrupt, records nothing); a lost turn
             # is not ours to write any more
-            if (
-                ours
-                and isinstance(exc, Exception)
-                and not isinstance(exc, ChainConflict)
-                and self.lease.lost is None
-            ):
+            if ours and isinstance(exc, Exception) and self.lease.lost is None:
                 assert self.entry is not None
                 first = (str(exc).splitlines() or [type(exc).__name__])[0]
                 if isinstance(exc, GateRefused):

@@ -119,7 +119,8 @@ def _dispatch(
 ) -> tuple[int, str | None]:  # fmt: skip
     """The attempt to start or join for `release`: the one in flight, or a new one recorded under the
     turn's lease. (attempt, None) when another process has the turn and nothing is in flight to join."""
-    from recycler.registry.lease import LeaseBusy, lease
+    from recycler.errors import LeaseBusy
+    from recycler.registry.lease import lease
 
     if entry is not None and entry.state in IN_FLIGHT and entry.dispatch_key:
         say(f"{release.key}: joining attempt {entry.attempts} ({entry.dispatch_key})")
@@ -152,7 +153,8 @@ def _record_failure(
 ) -> None:
     """Record that the deployment run of `attempt` ended without completing, unless it recorded its
     own ending (failed, refused) or a newer attempt started."""
-    from recycler.registry.lease import LeaseBusy, lease
+    from recycler.errors import LeaseBusy
+    from recycler.registry.lease import lease
 
     try:
         # a crashed run's turn expires after its ttl: wait that long rather than spin on a dead run
