@@ -21,7 +21,7 @@ from recycler.service.services import Services
 from recycler.service.spec import CycleSpec, EvalSettings
 from recycler.settings import Settings
 from recycler.stages.gate import Evidence
-from recycler.store.local import LocalStore
+from recycler.store import open_store
 from recycler.toy.tiny import perturb_model
 
 ROLE_OF_FOLDER = {"base": "base", "merged": "merged", "ft": "ft", "ft-from-base": "ft_from_base"}
@@ -87,8 +87,8 @@ def services(settings: Settings, scores: dict, **trainer: object) -> Services:
     """Services of a test: the fakes above on `scores`, a local store and the settings' registry."""
     return Services(
         settings,
-        LocalStore(Path(settings.artifact_store)),
-        Registry(settings.tracking_uri),
+        open_store(settings),
+        Registry(settings.tracking_uri, backoff=0.2),
         FakeTrainer(table(scores), **trainer),  # type: ignore[arg-type]
         FakeScorer(table(scores)),
     )

@@ -268,3 +268,45 @@ def test_flow_process_killed_mid_registration_then_rerun(
     assert registry().get("toy-arith-diff", "next-diff").reference == rerun["registered"]["diff"]
     assert release_cycle("v2", str(releases), spec)["status"] == "already-complete"
     c8.ok(check_invariants(_store(), registry()))
+
+
+@pytest.mark.parametrize("homes", ["same home", "two homes"])
+def test_two_recycler_watch_processes_started_together_keep_the_chain(
+    fast_family, releases, prefect_api, mlflow_server, moto_s3, tmp_path, homes
+):
+    """Issue 18's live case: two `recycler watch` processes over one release folder and the same
+    servers (MLflow, S3, Prefect). Whoever has the family's turn runs the cycles in order; the other
+    stops instead of skipping ahead; nothing is registered twice."""
+    import uuid
+
+    import yaml
+
+    from recycler.registry.chain import ChainLedger
+
+    for v in ("v1", "v2"):
+        publish(fast_family, releases, v)
+    family = f"live-{homes[:3]}-{uuid.uuid4().hex[:6]}"  # the MLflow server is shared by the session
+    spec = make_spec(fast_family, family=family)
+    spec_file = tmp_path / "family.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    shared = {"RECYCLER_TRACKING_URI": mlflow_server.uri, "RECYCLER_S3_ENDPOINT_URL": moto_s3.endpoint,
+              "RECYCLER_ARTIFACT_STORE": f"s3://{moto_s3.bucket}/live-{uuid.uuid4().hex[:8]}",
+              "RECYCLER_TRACK": "1", "PREFECT_API_URL": prefect_api}  # fmt: skip
+    procs = []
+    for w in range(2):
+        home = tmp_path / ("home" if homes == "same home" else f"home-{w}")
+        cmd = [sys.executable, "-m", "recycler.cli", "watch", str(releases), "--spec", str(spec_file)]
+        env = {**os.environ, **shared, "RECYCLER_HOME": str(home)}
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    reg = Registry(mlflow_server.uri)
+    fts, diffs = reg.versions("ft", family, "arith"), reg.versions("diff", family, "arith")
+    assert [v.tags["base_version"] for v in fts] == ["v1", "v2"] and len(diffs) == 2, outs
+    (d1,) = [d for d in diffs if d.tags["base_version"] == "v1"]
+    assert fts[1].tags["parent_diff"] == d1.reference  # v2 started from v1's Δ^iter, not from nothing
+    chain = ChainLedger(reg, family, "arith").entries().values()
+    assert sorted((e.version, e.state, e.attempts) for e in chain) == [
+        ("v1", "complete", 1),
+        ("v2", "complete", 1),
+    ]

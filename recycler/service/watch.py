@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from recycler.errors import ChainBlocked
+from recycler.errors import ChainBlocked, GateRefused
 from recycler.registry.chain import IN_FLIGHT, ChainEntry, ChainLedger, entry_key
 from recycler.service import steps
 from recycler.service.chain import chain_key, holder_note, mark_complete, next_turn, settle
@@ -82,6 +82,8 @@ def watch(
             except ChainBlocked as e:
                 say(f"stopping: {e}")
                 return results
+            except GateRefused as e:  # recorded as terminal by the cycle; the policy decides what follows
+                say(f"{turn.release.key}: refused ({e})")
             continue
         attempt, key = _dispatch(svc, spec, ledger, turn.release, turn.entry, say)
         if key is None:

@@ -126,7 +126,8 @@ def decide(
     if champ is not None:
         comparisons.append(paired(cand, champ, "champion", spec.gate_confidence))
     promote, reason = _gate(comparisons, spec.gate_rule, spec.gate_margin)
-    rule = f"{spec.gate_rule}, margin {spec.gate_margin}, {100 * spec.gate_confidence:g}% interval"
+    measured = cand.provenance or "unrecorded provenance"  # all compared scores share it (`paired`)
+    rule = f"{spec.gate_rule}, margin {spec.gate_margin}, {100 * spec.gate_confidence:g}% interval, scores of {measured}"
     return Decision(
         candidate,
         source,

@@ -1,0 +1,311 @@
+"""A stateful property test of the release chain (issue 18): hypothesis drives two watchers (two
+homes, one registry: an MLflow server on SQLite, artifacts on moto's S3) through the interleavings
+nobody listed, with the fake trainer and scorer (tests/fakes.py).
+
+Releases appear (in or out of order, some mid-copy and completed later, some re-published with other
+content); cycles crash at every crash point of the cycle and are re-run; a second watcher runs at a
+crash point of the first (a deterministic interleaving); fine-tunes fail; a pre-check refuses; the
+task file is edited; an operator unblocks. After every step the invariants below hold; at the end
+the watchers settle and every complete release is terminal.
+
+`make test` runs a few examples (RECYCLER_PROPERTY_EXAMPLES, default 5); `make test-slow` many more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from fakes import services
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from recycler import crashpoints
+from recycler.errors import ChainBlocked, ChainConflict, FinetuneFailed, GateRefused
+from recycler.registry.chain import IN_FLIGHT, ChainLedger, ordered
+from recycler.service.chain import operator_update
+from recycler.service.cycle import run_cycle
+from recycler.service.spec import CycleSpec
+from recycler.service.watch import watch
+from recycler.settings import Settings
+from recycler.toy.tiny import perturb_model
+
+pytestmark = pytest.mark.integration
+VERSIONS = ("v1", "v2", "v3", "v4")
+CRASH_POINTS = (
+    "cycle:turn-taken",
+    "cycle:finetuned",
+    "cycle:extracted",
+    "register:created",
+    "cycle:registered-ft",
+    "cycle:registered-diff",
+    "cycle:aliases-half-moved",
+    "cycle:complete-tagged",
+    "cycle:chain-complete",
+)
+EXAMPLES = int(os.environ.get("RECYCLER_PROPERTY_EXAMPLES", "5"))
+STEPS = int(os.environ.get("RECYCLER_PROPERTY_STEPS", "9"))
+ran = Counter()  # what the examples exercised, printed at the end (the closing note's counts)
+
+
+class SimulatedCrash(BaseException):
+    """The process dies here: nothing after it runs, no `except Exception` records it."""
+
+
+def score(version: str, role: str) -> float:
+    """A family whose fine-tunes usually win, with v3's losing to v2's champion (refused)."""
+    i = VERSIONS.index(version) if version in VERSIONS else 0
+    return {"base": 0.05, "merged": 0.3, "ft": [0.6, 0.7, 0.65, 0.8][i], "ft_from_base": 0.5,
+            "champion": 0.6}.get(role, 0.1)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def contents(tiny_releases, tmp_path_factory) -> dict[tuple[str, int], Path]:
+    """Two contents per version (the original and a re-publication)."""
+    root = tmp_path_factory.mktemp("contents")
+    out = {}
+    for i, v in enumerate(VERSIONS):
+        src = tiny_releases["v1"] if i == 0 else out[(VERSIONS[i - 1], 0)]
+        out[(v, 0)] = perturb_model(src, root / f"{v}-0", scale=0.05, seed=100 + i)
+        out[(v, 1)] = perturb_model(out[(v, 0)], root / f"{v}-1", scale=0.03, seed=200 + i)
+    return out
+
+
+class ChainMachine(RuleBasedStateMachine):
+    env: ClassVar[dict] = {}
+
+    @initialize()
+    def start(self) -> None:
+        env = self.env
+        self.root = Path(env["tmp"]) / uuid.uuid4().hex[:8]
+        self.releases = self.root / "releases"
+        self.releases.mkdir(parents=True)
+        self.task = self.root / "task.jsonl"
+        shutil.copy(env["sample"], self.task)
+        self.family = f"p{uuid.uuid4().hex[:8]}"
+        base = {"tracking_uri": env["mlflow"], "artifact_store": f"s3://{env['bucket']}/{self.family}",
+                "s3_endpoint_url": env["s3"], "chain_lease_ttl": 20.0}  # fmt: skip
+        self.svcs = [services(Settings(home=self.root / f"home-{w}", **base), {}, steps=10) for w in (0, 1)]
+        for svc in self.svcs:
+            svc.trainer.scores = svc.scorer.scores = score  # type: ignore[attr-defined]
+        self.published: dict[str, int] = {}  # version → content index
+        self.partial: set[str] = set()
+        self.strict = False  # an operator raised the pre-check bar
+
+    # ---- what the world does -------------------------------------------------------------------------
+
+    def spec(self) -> CycleSpec:
+        extra = {"precheck_sample": self.env["sample"], "precheck_min_score": 50.0} if self.strict else {}
+        return CycleSpec(family=self.family, variant="inst", train=self.env["sample"],
+                         evaluation={"task": self.task}, max_relative_norm=5.0, max_attempts=2, **extra)  # fmt: skip
+
+    def _put(self, version: str, content: int, partial: bool = False) -> None:
+        tmp = self.releases / f".{version}.new"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(self.env["contents"][(version, content)], tmp)
+        if partial:  # caught mid-copy: the weights half there
+            data = (tmp / "model.safetensors").read_bytes()
+            (tmp / "model.safetensors").write_bytes(data[: len(data) // 2])
+        shutil.rmtree(self.releases / version, ignore_errors=True)
+        tmp.rename(self.releases / version)
+
+    @rule(version=st.sampled_from(VERSIONS), partial=st.booleans())
+    def publish(self, version: str, partial: bool) -> None:
+        if version in self.published:
+            return
+        self._put(version, 0, partial)
+        self.published[version] = 0
+        (self.partial.add if partial else self.partial.discard)(version)
+        ran["published partial" if partial else "published"] += 1
+
+    @precondition(lambda self: self.partial)
+    @rule()
+    def finish_copy(self) -> None:
+        version = sorted(self.partial)[0]
+        self._put(version, self.published[version])
+        self.partial.discard(version)
+        ran["finished a copy"] += 1
+
+    @precondition(lambda self: self.published)
+    @rule(data=st.data())
+    def republish(self, data) -> None:
+        version = data.draw(st.sampled_from(sorted(self.published)))
+        self.published[version] = 1 - self.published[version]
+        self._put(version, self.published[version])
+        self.partial.discard(version)
+        ran["re-published"] += 1
+
+    @rule()
+    def edit_task(self) -> None:
+        with self.task.open("a") as f:
+            f.write(json.dumps({"prompt": f"{len(self.task.read_text())}+0?", "response": "0"}) + "\n")
+        ran["task edited"] += 1
+
+    @rule(version=st.sampled_from(VERSIONS))
+    def lose_a_gpu(self, version: str) -> None:
+        for svc in self.svcs:
+            svc.trainer.failures[version] = 1  # type: ignore[attr-defined]
+        ran["fine-tune failures"] += 1
+
+    @rule()
+    def toggle_precheck(self) -> None:
+        self.strict = not self.strict
+        ran["pre-check bar toggled"] += 1
+
+    # ---- watchers -----------------------------------------------------------------------------------
+
+    def _watch(self, w: int) -> list:
+        svc, spec = self.svcs[w], self.spec()
+
+        def start(r, _attempt, _key):
+            return run_cycle(r.version, str(self.releases), spec, services=svc, wait=0.0).model_dump()
+
+        try:
+            return watch(str(self.releases), spec, start, services=svc)
+        except (ChainBlocked, ChainConflict, FinetuneFailed, GateRefused) as e:
+            ran[type(e).__name__] += 1
+            return []
+
+    @rule(w=st.sampled_from((0, 1)), point=st.none() | st.sampled_from(CRASH_POINTS))
+    def run_watcher(self, w: int, point: str | None) -> None:
+        left = {"n": 1}
+
+        def hook(name: str) -> None:
+            if name == point and left["n"]:
+                left["n"] = 0
+                raise SimulatedCrash(name)
+
+        crashpoints.set_hook(hook if point else None)
+        try:
+            self._watch(w)
+        except SimulatedCrash as e:
+            ran[f"crash at {e}"] += 1
+        finally:
+            crashpoints.set_hook(None)
+
+    @rule(point=st.sampled_from(CRASH_POINTS))
+    def interleave(self, point: str) -> None:
+        """Watcher 1 runs, start to end, while watcher 0 is at `point`."""
+        done = {"n": 0}
+
+        def hook(name: str) -> None:
+            if name == point and not done["n"]:
+                done["n"] = 1
+                t = threading.Thread(target=self._watch, args=(1,))
+                t.start()
+                t.join()
+                ran[f"interleaved at {name}"] += 1
+
+        crashpoints.set_hook(hook)
+        try:
+            self._watch(0)
+        finally:
+            crashpoints.set_hook(None)
+
+    @rule()
+    def unblock(self) -> None:
+        svc, spec = self.svcs[0], self.spec()
+        for e in ChainLedger(svc.registry, self.family, "inst").entries().values():
+            if e.state in ("gave-up", "refused"):
+                operator_update(svc, spec, e.version, "skip", "property test", release=None)
+                ran["operator skipped"] += 1
+                return
+
+    # ---- invariants ---------------------------------------------------------------------------------
+
+    def _state(self):
+        reg = self.svcs[0].registry
+        entries = ChainLedger(reg, self.family, "inst").entries()
+        versions = {k: reg.versions(k, self.family, None if k == "base" else "inst") for k in ("base", "ft", "diff", "merged")}  # fmt: skip
+        return entries, versions
+
+    @invariant()
+    def one_version_per_release_and_role(self) -> None:
+        if not hasattr(self, "svcs"):
+            return
+        _, versions = self._state()
+        for kind, found in versions.items():
+            keys = Counter((v.tags["base_version"], v.fingerprint, v.tags.get("role", "")) for v in found)
+            assert all(n == 1 for n in keys.values()), (kind, keys)
+
+    @invariant()
+    def each_cycle_starts_from_the_last_promoted_delta(self) -> None:
+        if not hasattr(self, "svcs"):
+            return
+        entries, versions = self._state()
+        fts = {(v.tags["base_version"], v.fingerprint): v for v in versions["ft"] if v.tags.get("role") != "ft-from-base"}  # fmt: skip
+        diffs = {(v.tags["base_version"], v.fingerprint): v for v in versions["diff"]}
+        next_diff = None
+        for e in ordered(entries):
+            ft = fts.get((e.version, e.fingerprint))
+            if e.state == "complete":
+                assert ft is not None and ft.tags.get("cycle_status") == "complete", e
+                assert ft.tags.get("parent_diff") == (next_diff.reference if next_diff else None), (
+                    e,
+                    ft.tags,
+                )
+                if ft.tags.get("gate") == "promoted":
+                    next_diff = diffs[(e.version, e.fingerprint)]
+            elif ft is not None and ft.tags.get("parent_diff"):  # registered before a crash or conflict
+                assert ft.tags["parent_diff"] == (next_diff.reference if next_diff else None), (e, ft.tags)
+        in_flight = any(e.state in IN_FLIGHT for e in entries.values())
+        if not in_flight:  # settled: the aliases are the last promoted cycle's, both from it
+            reg = self.svcs[0].registry
+            nd = reg.get_alias("diff", self.family, "inst", "next-diff")
+            champ = reg.get_alias("ft", self.family, "inst", "champion")
+            assert (nd.reference if nd else None) == (next_diff.reference if next_diff else None)
+            if nd is not None:
+                assert (champ is not None and nd.tags["source_ft"] == champ.reference) or nd.tags.get(
+                    "diff_mode"
+                ) == "direct"
+
+    @invariant()
+    def gates_compare_like_with_like(self) -> None:
+        if not hasattr(self, "svcs"):
+            return
+        _, versions = self._state()
+        for v in versions["ft"]:
+            if "gate_evidence" in v.tags:
+                assert f"scores of {v.tags['eval_provenance']}" in v.tags["gate_evidence"], v.tags
+
+    def teardown(self) -> None:
+        if not hasattr(self, "svcs"):
+            return
+        for svc in self.svcs:
+            svc.trainer.failures.clear()  # type: ignore[attr-defined]
+        self.strict = False
+        for version in sorted(self.partial):  # the copies finish
+            self._put(version, self.published[version])
+        for _ in range(12):  # the watchers settle; an operator skips what stays blocked
+            self._watch(0)
+            self.unblock()
+        entries, _ = self._state()
+        listed = {(r.version, r.fingerprint) for r in _listing(self)}
+        states = {(e.version, e.fingerprint): e.state for e in entries.values()}
+        assert all(states.get(k) in ("complete", "refused", "skipped", "gave-up") for k in listed), states
+        ran["examples settled"] += 1
+
+
+def _listing(m: ChainMachine) -> list:
+    from recycler.store.releases import LocalFolderSource
+
+    return LocalFolderSource(m.releases, m.family).list()
+
+
+def test_the_chain_holds_under_any_interleaving(mlflow_server, moto_s3, tiny_releases, contents, tmp_path):
+    ChainMachine.env = {"tmp": tmp_path, "sample": tiny_releases["sample"], "contents": contents,
+                        "mlflow": mlflow_server.uri, "bucket": moto_s3.bucket, "s3": moto_s3.endpoint}  # fmt: skip
+    os.environ["RECYCLER_TRACK"] = "0"
+    runner = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))(ChainMachine.TestCase)  # fmt: skip
+    runner().runTest()
+    print("property test:", dict(sorted(ran.items())))
+    assert ran["examples settled"] >= 1
