@@ -343,12 +343,27 @@ def _listing(m: ChainMachine) -> list:
     return LocalFolderSource(m.releases, m.family).list()
 
 
-def test_the_chain_holds_under_any_interleaving(mlflow_server, moto_s3, tiny_releases, contents, tmp_path):
-    ChainMachine.env = {"tmp": tmp_path, "sample": tiny_releases["sample"], "contents": contents,
-                        "mlflow": mlflow_server.uri, "bucket": moto_s3.bucket, "s3": moto_s3.endpoint}  # fmt: skip
-    os.environ["RECYCLER_TRACK"] = "0"
-    ChainMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+def run_machine(examples: int, steps: int, env: dict) -> None:
+    ChainMachine.env = env
+    ran.clear()
+    ChainMachine.TestCase.settings = settings(max_examples=examples, stateful_step_count=steps, deadline=None,
                                               derandomize=True, suppress_health_check=list(HealthCheck))  # fmt: skip
     ChainMachine.TestCase().runTest()
     print("property test:", dict(sorted(ran.items())))
-    assert ran["examples settled"] >= 1
+    assert ran["examples settled"] >= examples
+
+
+@pytest.fixture
+def machine_env(mlflow_server, moto_s3, tiny_releases, contents, tmp_path, monkeypatch) -> dict:
+    monkeypatch.setenv("RECYCLER_TRACK", "0")
+    return {"tmp": tmp_path, "sample": tiny_releases["sample"], "contents": contents,
+            "mlflow": mlflow_server.uri, "bucket": moto_s3.bucket, "s3": moto_s3.endpoint}  # fmt: skip
+
+
+def test_the_chain_holds_under_any_interleaving(machine_env):
+    run_machine(EXAMPLES, STEPS, machine_env)
+
+
+@pytest.mark.slow
+def test_the_chain_holds_under_many_more_interleavings(machine_env):
+    run_machine(int(os.environ.get("RECYCLER_PROPERTY_SLOW_EXAMPLES", "60")), 16, machine_env)

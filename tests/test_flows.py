@@ -41,6 +41,7 @@ def prefect_api():
 def home(tmp_path, monkeypatch, prefect_api) -> Path:
     monkeypatch.setenv("RECYCLER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RECYCLER_TRACK", "1")
+    monkeypatch.setenv("RECYCLER_CHAIN_LEASE_TTL", "10")  # a killed cycle's turn is taken over in 10 s
     monkeypatch.delenv("RECYCLER_CRASH_AT", raising=False)
     get_settings.cache_clear()
     yield tmp_path / "home"

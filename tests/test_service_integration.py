@@ -6,7 +6,7 @@ with infra/prefect.yaml, `process` workers for the cpu and a100 pools started ou
 2. The first release cycle runs in this process against the servers (weights go to S3, versions to the
    MLflow server).
 3. The watcher, in `deployment` mode, starts `release-cycle/gpu` for v2 through `run_deployment` with the
-   release's idempotency key; the a100-pool worker runs it; a second dispatch of the same release
+   attempt's idempotency key; the a100-pool worker runs it; a second dispatch of the same attempt
    returns the same flow run (two watchers, one cycle).
 4. `prefect deployment run backport/manual` with only the Δ and the target: the family's spec is the
    deployment's default. `recycler serve` runs beside, under its own deployment names (backport/served,
@@ -194,10 +194,9 @@ def test_release_cycles_and_backports_through_deploy_workers_and_serve(
             cycles = watch_releases(str(releases), spec, dispatch="deployment")
             assert [c["version"] for c in cycles] == ["v2"] and cycles[0]["state"] == "Completed"
             v2 = next(r for r in LocalFolderSource(releases, "toy").list() if r.version == "v2")
-            again = dispatch_cycle(
-                "release-cycle/gpu", v2, str(releases), spec
-            )  # a second watcher, same release
-            assert again["flow_run"] == cycles[0]["flow_run"]
+            # a second watcher joins the same attempt (its key is recorded in the chain)
+            again = dispatch_cycle("release-cycle/gpu", v2, str(releases), spec, 1, cycles[0]["key"])
+            assert again["flow_run"] == cycles[0]["flow_run"] and cycles[0]["key"] == f"{v2.key}/1"
 
             # a manual backport: only the Δ and the target; the family's spec is the deployment's default
             run_id = run_deployment_cli(
