@@ -449,3 +449,64 @@ def test_the_turn_is_renewed_while_held_and_taken_over_only_after_its_holder_is_
         with pytest.raises(ChainConflict, match="lost the lease"):
             held.check()
     acquire(svc.registry, key, ttl=1.5, wait=0)  # free again
+
+
+# ---- the cycle's MLflow run ends on every path --------------------------------------------------------
+
+
+CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+from fakes import services
+from recycler.service.cycle import run_cycle
+from recycler.service.spec import CycleSpec
+from recycler.settings import Settings
+spec = CycleSpec.model_validate_json(open({spec!r}).read())
+settings = Settings.model_validate_json(open({settings!r}).read())
+run_cycle("v1", {releases!r}, spec, services=services(settings, {{("v1", "ft"): 0.6}}))
+"""
+
+
+def _cycle_run(settings):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.tracking_uri)
+    exp = client.get_experiment_by_name(settings.experiment)
+    (run,) = client.search_runs([exp.experiment_id], "tags.`recycler.cycle` LIKE 'fam/inst/v1@%'")
+    return run
+
+
+def test_a_run_left_running_by_a_kill_after_completion_is_closed_by_the_rerun(world, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    releases, settings, publish, spec = world
+    publish("v1")
+    monkeypatch.setenv("RECYCLER_TRACK", "1")
+    (tmp_path / "spec.json").write_text(spec().model_dump_json())
+    (tmp_path / "settings.json").write_text(settings.model_dump_json())
+    code = CHILD.format(tests=str(Path(__file__).parent), spec=str(tmp_path / "spec.json"),
+                        settings=str(tmp_path / "settings.json"), releases=str(releases))  # fmt: skip
+    env = {**os.environ, "RECYCLER_CRASH_AT": "cycle:complete-tagged", "RECYCLER_TRACK": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == -9, done.stderr[-2000:]  # SIGKILL after the fine-tune was tagged complete
+    assert _cycle_run(settings).info.status == "RUNNING"
+    out = run_cycle("v1", str(releases), spec(), services=services(settings, SCORES))
+    assert out.status == "already-complete"
+    run = _cycle_run(settings)
+    assert (
+        run.info.status == "FINISHED"
+        and "Closed by a re-run: complete" in run.data.tags["mlflow.note.content"]
+    )
+    assert entries(svc := services(settings, SCORES), spec()) == {"v1": ("complete", 1)} and svc
+
+
+def test_a_failed_cycle_ends_its_run_failed_with_a_note(world, monkeypatch):
+    releases, settings, publish, spec = world
+    publish("v1")
+    monkeypatch.setenv("RECYCLER_TRACK", "1")
+    with pytest.raises(FinetuneFailed):
+        run_cycle("v1", str(releases), spec(), services=services(settings, SCORES, failures={"v1": 1}))
+    run = _cycle_run(settings)
+    note = run.data.tags["mlflow.note.content"]
+    assert run.info.status == "FAILED" and "failed.** FinetuneFailed" in note and "Attempt 1 of 3" in note

@@ -92,6 +92,11 @@ def watch(
         results.append(outcome)
         if outcome.get("state") != "Completed":
             _record_failure(svc, spec, ledger, turn.release, attempt, f"flow run {outcome.get('flow_run')} ended {outcome.get('state')}")  # fmt: skip
+        elif (e := ledger.get(turn.release.version, turn.release.fingerprint)) is None or not e.terminal:
+            say(
+                f"{turn.release.key}: run {outcome.get('flow_run')} completed but the chain does not say so; stopping"
+            )
+            return results
     return results
 
 
