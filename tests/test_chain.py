@@ -510,3 +510,34 @@ def test_a_failed_cycle_ends_its_run_failed_with_a_note(world, monkeypatch):
     run = _cycle_run(settings)
     note = run.data.tags["mlflow.note.content"]
     assert run.info.status == "FAILED" and "failed.** FinetuneFailed" in note and "Attempt 1 of 3" in note
+
+
+def test_an_s3_source_at_the_bucket_root_lists_complete_releases_only(moto_s3, tiny_releases, tmp_path):
+    import uuid
+
+    from recycler.store.releases import open_source
+
+    s3 = moto_s3.client()
+    bucket = f"root-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    full = shard(tiny_releases["v1"], tmp_path / "full")
+    for f in full.iterdir():
+        s3.upload_file(str(f), bucket, f"v1/{f.name}")
+    for name in ("config.json", "model-00001-of-00002.safetensors"):  # v2 mid-upload: no index yet
+        s3.upload_file(str(full / name), bucket, f"v2/{name}")
+    src = open_source(f"s3://{bucket}", "fam", endpoint_url=moto_s3.endpoint)
+    (v1,) = src.list()
+    assert (
+        v1.version == "v1"
+        and v1.uri == f"s3://{bucket}/v1/"
+        and "index not there yet" in src.incomplete["v2"]
+    )
+    s3.upload_file(str(full / "model.safetensors.index.json"), bucket, "v2/model.safetensors.index.json")
+    assert [r.version for r in src.list()] == ["v1"] and "shards not there yet" in src.incomplete["v2"]
+    s3.upload_file(
+        str(full / "model-00002-of-00002.safetensors"), bucket, "v2/model-00002-of-00002.safetensors"
+    )
+    listed = src.list()
+    assert [r.version for r in listed] == ["v1", "v2"]
+    local = src.materialize(listed[0], tmp_path / "download" / listed[0].fingerprint[:16])
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in full.iterdir())
