@@ -10,6 +10,7 @@ and the number of threads.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 
@@ -365,3 +366,22 @@ def test_kernel_choice_follows_size_and_environment(monkeypatch):
     monkeypatch.setenv(fast.ENV, "fast")
     with pytest.raises(ValueError, match="RECYCLER_KERNELS"):
         fast.choose(1)
+
+
+def test_threads_option_of_the_commands(models, tmp_path):
+    """`--threads N` reaches the engine (RECYCLER_THREADS) and leaves the bytes alone."""
+    app = [sys.executable, "-m", "recycler.cli.app"]
+    env = {k: v for k, v in os.environ.items() if k != "RECYCLER_THREADS"} | {fast.ENV: "fused"}
+    outs = []
+    for threads in ("1", "2"):
+        d = tmp_path / f"d{threads}"
+        subprocess.run([*app, "diff", models["base"], models["tuned"], "-o", d, "-q", "--threads", threads],
+                       check=True, env=env)  # fmt: skip
+        a = tmp_path / f"a{threads}"
+        subprocess.run([*app, "apply", models["target"], d, "-o", a, "-q", "-a", "0.7", "--threads", threads],
+                       check=True, env=env)  # fmt: skip
+        outs.append((folder_digest(d), folder_digest(a)))
+    assert outs[0] == outs[1]
+    bad = subprocess.run([*app, "diff", models["base"], models["tuned"], "-o", tmp_path / "x", "--threads", "0"],
+                         capture_output=True, text=True, env=env)  # fmt: skip
+    assert bad.returncode != 0 and "--threads" in bad.stderr

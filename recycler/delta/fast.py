@@ -11,6 +11,7 @@ overflow: the reference names the culprit) go to the reference kernels, chunk by
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Protocol
@@ -87,9 +88,7 @@ class Fused:
     name = "fused"
 
     def __init__(self) -> None:
-        from recycler.delta import fused  # numba: imported only when a run chooses these kernels
-
-        self.k = fused
+        self.k = _load_fused()
         self._lock = threading.Lock()
         self.fallbacks = 0  # chunks handed to the reference (tests check the fused path ran)
 
@@ -171,17 +170,54 @@ class Fused:
         return None
 
 
+def _load_fused():
+    """Import the fused kernels and set up numba's compiler context (what loading a cached kernel
+    needs). numba's probe for a BLAS imports scipy.linalg (0.5 s here) when scipy is installed; the
+    kernels use no BLAS, so the probe is answered "none" unless scipy.linalg is already loaded."""
+    block = "scipy.linalg" not in sys.modules
+    if block:
+        sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # import → ImportError
+    try:
+        from numba.core.registry import cpu_target
+
+        from recycler.delta import fused  # numba: imported only when a run chooses these kernels
+
+        cpu_target.target_context.refresh()
+    finally:
+        if block and "scipy.linalg" in sys.modules and sys.modules["scipy.linalg"] is None:
+            del sys.modules["scipy.linalg"]
+    return fused
+
+
 _FUSED: Fused | None = None
+_FUSED_LOCK = threading.Lock()
+
+
+def _fused() -> Fused:
+    global _FUSED
+    with _FUSED_LOCK:
+        if _FUSED is None:
+            _FUSED = Fused()
+        return _FUSED
+
+
+def _mode() -> str:
+    mode = os.environ.get(ENV, "auto")
+    if mode not in ("auto", "fused", "numpy"):
+        raise ValueError(f"{ENV}={mode!r}: expected auto, fused or numpy")
+    return mode
 
 
 def choose(elements: int) -> Kernels:
     """The kernels for a run over `elements` elements (see the module docstring)."""
-    global _FUSED
-    mode = os.environ.get(ENV, "auto")
-    if mode not in ("auto", "fused", "numpy"):
-        raise ValueError(f"{ENV}={mode!r}: expected auto, fused or numpy")
+    mode = _mode()
     if mode == "numpy" or (mode == "auto" and elements < FUSED_MIN):
         return Reference()
-    if _FUSED is None:
-        _FUSED = Fused()
-    return _FUSED
+    return _fused()
+
+
+def prefetch(elements: int) -> None:
+    """Load the fused kernels on a background thread if a run of `elements` will choose them, so
+    numba's start-up overlaps the command's own (reading headers, planning) instead of following it."""
+    if _FUSED is None and _mode() != "numpy" and (elements >= FUSED_MIN or _mode() == "fused"):
+        threading.Thread(target=_fused, name="load-kernels", daemon=True).start()
