@@ -10,7 +10,8 @@ inputs page-cached where they fit in memory:
   naive          load the three state dicts fully, compute in float32, save (not at scale: 40 GB RAM)
   mergekit       task_arithmetic, base m_s, models m_t and m′_s at weight 1 (bf16; -fp32: exact)
   … (before)     with --before SRC: the same recycler commands run from another checkout (the old engine)
-  … (numpy)      with --numpy: the same recycler commands on the numpy reference kernels
+  … (numpy)      with --numpy: the same recycler commands on the numpy reference kernels (at the
+                 last thread count given)
                  (RECYCLER_KERNELS=numpy: the engine before the fused kernels, same bytes)
   … [N threads]  with --threads 1,2: the recycler commands once per thread count (--threads N);
                  without it they use the engine's default (one per core, up to 4)
@@ -173,7 +174,7 @@ def methods(paths: dict[str, Path], work: Path, args) -> dict[str, tuple[list[li
         threads = ("--threads", str(t)) if t else ()
         rows[f"recycler{tag}"] = recycle(f"recycler{tag}", threads=threads)
         rows[f"diff+apply{tag}"] = diff_apply(f"diff+apply{tag}", threads=threads)
-        if args.numpy:
+        if args.numpy and t == (args.threads or [None])[-1]:  # today's kernels: at the most threads
             rows[f"recycler (numpy){tag}"] = recycle(f"recycler (numpy){tag}", numpy_env, threads)
             rows[f"diff+apply (numpy){tag}"] = diff_apply(
                 f"diff+apply (numpy){tag}", numpy_env, threads=threads
