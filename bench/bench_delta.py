@@ -10,9 +10,15 @@ inputs page-cached where they fit in memory:
   naive          load the three state dicts fully, compute in float32, save (not at scale: 40 GB RAM)
   mergekit       task_arithmetic, base m_s, models m_t and m′_s at weight 1 (bf16; -fp32: exact)
   … (before)     with --before SRC: the same recycler commands run from another checkout (the old engine)
-Every output is compared with the exact result (bench_data.mismatches).
+  … (numpy)      with --numpy: the same recycler commands on the numpy reference kernels (at the
+                 last thread count given)
+                 (RECYCLER_KERNELS=numpy: the engine before the fused kernels, same bytes)
+  … [N threads]  with --threads 1,2: the recycler commands once per thread count (--threads N);
+                 without it they use the engine's default (one per core, up to 4)
+Every output is compared with the exact result (bench_data.mismatches, the README's formula with α).
 
     python bench/bench_delta.py                       # 1 GB and 2 GB, 3 repetitions (medians)
+    python bench/bench_delta.py --threads 1,2 --numpy # thread scaling, and today's kernels beside
     python bench/bench_delta.py --sizes 13.5          # the 7B-shaped scale run (cleans up after itself)
     python bench/bench_delta.py --before /tmp/engine-before --repeat 1
 Set MERGEKIT_YAML to `mergekit-yaml` (default: /work/bench-env/bin/mergekit-yaml or PATH).
@@ -113,7 +119,9 @@ def run(cmd: list[str], env: dict | None = None) -> dict:
     return {"wall_s": float(wall), "cpu_s": float(cpu), "peak_rss_gb": int(rss_kb) * 1024 / 1e9}
 
 
-def mergekit_cmd(paths: dict[str, Path], out: Path, work: Path, exact: bool) -> list[str] | None:
+def mergekit_cmd(
+    paths: dict[str, Path], out: Path, work: Path, exact: bool, alpha: float = 1.0
+) -> list[str] | None:
     """mergekit task_arithmetic: base m_s, models m_t and m′_s at weight 1, no normalisation.
 
     `exact=False` is the usual `dtype: bfloat16` (computes in bf16, rounding after each operation);
@@ -130,7 +138,7 @@ def mergekit_cmd(paths: dict[str, Path], out: Path, work: Path, exact: bool) -> 
     cfg.write_text(
         f"merge_method: task_arithmetic\nbase_model: {paths['ms']}\nmodels:\n"
         f"  - model: {paths['mt']}\n    parameters: {{weight: 1.0}}\n"
-        f"  - model: {paths['ft']}\n    parameters: {{weight: 1.0}}\n"
+        f"  - model: {paths['ft']}\n    parameters: {{weight: {alpha}}}\n"
         f"parameters: {{normalize: false}}\n{dtypes}"
     )
     flags = ["--no-cuda", "--device", "cpu", "--out-shard-size", "5B", "--quiet"]
@@ -144,38 +152,61 @@ def methods(paths: dict[str, Path], work: Path, args) -> dict[str, tuple[list[li
     ms, ft, mt = (str(paths[k]) for k in ("ms", "ft", "mt"))
     out = {name: str(work / name) for name in ("floor", "floor-direct", "naive")}
 
-    def recycle(name: str, env: dict | None = None) -> tuple:
-        return [[*app, "recycle", ms, ft, mt, "-o", str(work / slug(name)), "-q"]], env
+    alpha = ["-a", str(args.alpha)] if args.alpha != 1.0 else []
 
-    def diff_apply(name: str, env: dict | None = None, extra: tuple[str, ...] = ()) -> tuple:
+    def recycle(name: str, env: dict | None = None, threads: tuple[str, ...] = ()) -> tuple:
+        return [[*app, "recycle", ms, ft, mt, "-o", str(work / slug(name)), "-q", *alpha, *threads]], env
+
+    def diff_apply(
+        name: str, env: dict | None = None, extra: tuple[str, ...] = (), threads: tuple[str, ...] = ()
+    ) -> tuple:
         d = str(work / f"delta-{slug(name)}")
-        diff = [*app, "diff", ms, ft, "-o", d, "-q", *extra]
-        return [diff, [*app, "apply", mt, d, "-o", str(work / slug(name)), "-q"]], env
+        diff = [*app, "diff", ms, ft, "-o", d, "-q", *extra, *threads]
+        return [diff, [*app, "apply", mt, d, "-o", str(work / slug(name)), "-q", *alpha, *threads]], env
 
     rows = {
         "floor": ([[py, "-c", FLOOR, ms, ft, mt, out["floor"]]], None),
         "floor-direct": ([[py, "-c", FLOOR_DIRECT, ms, ft, mt, out["floor-direct"]]], None),
-        "recycler": recycle("recycler"),
-        "diff+apply": diff_apply("diff+apply"),
-        "diff+apply-f32": diff_apply("diff+apply-f32", extra=("--dtype", "float32")),
-        "naive": ([[py, "-c", NAIVE, ms, ft, mt, out["naive"]]], None),
     }
+    numpy_env = {**os.environ, "RECYCLER_KERNELS": "numpy"}
+    for t in args.threads or [None]:
+        tag = f" [{t} thread{'s' if t > 1 else ''}]" if t else ""
+        threads = ("--threads", str(t)) if t else ()
+        rows[f"recycler{tag}"] = recycle(f"recycler{tag}", threads=threads)
+        rows[f"diff+apply{tag}"] = diff_apply(f"diff+apply{tag}", threads=threads)
+        if args.numpy and t == (args.threads or [None])[-1]:  # today's kernels: at the most threads
+            rows[f"recycler (numpy){tag}"] = recycle(f"recycler (numpy){tag}", numpy_env, threads)
+            rows[f"diff+apply (numpy){tag}"] = diff_apply(
+                f"diff+apply (numpy){tag}", numpy_env, threads=threads
+            )
+    rows["diff+apply-f32"] = diff_apply("diff+apply-f32", extra=("--dtype", "float32"))
+    rows["naive"] = ([[py, "-c", NAIVE, ms, ft, mt, out["naive"]]], None)
     if args.before:
         env = {**os.environ, "PYTHONPATH": str(Path(args.before).resolve())}
         rows |= {"recycler (before)": recycle("recycler (before)", env)}
         rows |= {"diff+apply (before)": diff_apply("diff+apply (before)", env)}
     for name, exact in (("mergekit", False), ("mergekit-fp32", True)):
-        cmd = mergekit_cmd(paths, work / name, work, exact)
+        cmd = mergekit_cmd(paths, work / name, work, exact, args.alpha)
         if cmd:
             rows[name] = ([cmd], None)
     return {k: v for k, v in rows.items() if k not in args.skip}
 
 
 def slug(method: str) -> str:
-    return method.replace(" (before)", "-before")
+    for a, b in (
+        (" (before)", "-before"),
+        (" (numpy)", "-numpy"),
+        (" [", "-"),
+        (" threads]", "t"),
+        (" thread]", "t"),
+    ):
+        method = method.replace(a, b)
+    return method
 
 
-def measure(name: str, cmds: list[list[str]], env: dict | None, work: Path, paths, check: bool) -> dict:
+def measure(
+    name: str, cmds: list[list[str]], env: dict | None, work: Path, paths, check: bool, alpha: float
+) -> dict:
     parts = [run(c, env) for c in cmds]
     r = {
         "method": name,
@@ -186,7 +217,7 @@ def measure(name: str, cmds: list[list[str]], env: dict | None, work: Path, path
     }
     out = work / slug(name)
     if check and not name.startswith("floor"):
-        r["mismatch"], r["formula_mismatch"], r["elements"] = mismatches(out, paths)
+        r["mismatch"], r["formula_mismatch"], r["elements"] = mismatches(out, paths, alpha)
     delta = work / f"delta-{slug(name)}"
     if name.startswith("diff+apply") and (delta / "manifest.json").exists():
         m = json.loads((delta / "manifest.json").read_text())
@@ -214,7 +245,7 @@ def bench_size(size: float, args) -> list[dict]:
             run([sys.executable, "-c", FLOOR, str(p), str(p), str(p), str(work / "warm")])
             shutil.rmtree(work / "warm")
         for name, (cmds, env) in rows.items():
-            r = measure(name, cmds, env, work, paths, check=rep == 0 and not args.no_check)
+            r = measure(name, cmds, env, work, paths, rep == 0 and not args.no_check, args.alpha)
             runs[name].append(r)
             print(json.dumps({"size": size, "rep": rep, **r}), flush=True)
     out = []
@@ -282,6 +313,14 @@ def main() -> None:
         "--ft-noise", type=float, default=2e-3, help="fine-tune noise (2e-4: a gentler fine-tune)"
     )
     ap.add_argument("--no-check", action="store_true", help="skip the exactness comparison")
+    ap.add_argument(
+        "--threads",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[],
+        help="thread counts for the recycler rows, e.g. 1,2 (default: the engine's own)",
+    )
+    ap.add_argument("--numpy", action="store_true", help="add the recycler rows on the numpy kernels")
+    ap.add_argument("--alpha", type=float, default=1.0, help="α of the recycling (mergekit: the Δ's weight)")
     args = ap.parse_args()
     sizes = [float(s) for s in args.sizes.split(",")] + ([13.5] if args.scale else [])
     results = []

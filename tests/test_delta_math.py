@@ -68,9 +68,10 @@ def oracle_d32(m: torch.Tensor, mp: torch.Tensor) -> torch.Tensor:
 
 
 def oracle_apply(t: torch.Tensor, m: torch.Tensor, mp: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """The documented result: round(float32(t) + float32(α·d32)); where t is m bit for bit (α = 1), m′."""
+    """The README's result: round_T(float32(t) + α₃₂·d32), α₃₂ = float32(α), each step a float32
+    operation (a float32 tensor times a float32 scalar); where t is m bit for bit (α = 1), m′."""
     d = oracle_d32(m, mp)
-    out = (t.float() + (d if alpha == 1.0 else alpha * d)).to(t.dtype)
+    out = (t.float() + torch.tensor(alpha, dtype=torch.float32) * d).to(t.dtype)
     if alpha == 1.0 and t.dtype == m.dtype == mp.dtype:
         same = np_(t).view(bits(np_(t)).dtype) == np_(m).view(bits(np_(m)).dtype)
         out[torch.from_numpy(same)] = mp[torch.from_numpy(same)]
@@ -143,7 +144,7 @@ def test_apply_to_another_target_is_the_float32_formula(dtype, alpha):
     stored, res = diff_of(m, mp, dtype)
     got = th(dm.apply(np_(t), dtype, stored, dtype, res, alpha=alpha), dtype)
     assert same_bits(got, oracle_apply(t, m, mp, alpha))
-    plain = (t.float() + (oracle_d32(m, mp) if alpha == 1.0 else alpha * oracle_d32(m, mp))).to(t.dtype)
+    plain = (t.float() + torch.tensor(alpha, dtype=torch.float32) * oracle_d32(m, mp)).to(t.dtype)
     changed = int((~torch.from_numpy(bits(np_(got)) == bits(np_(plain)))).sum())
     assert changed <= res.roundtrip_fixes  # only round-trip elements ever differ from the plain formula
 

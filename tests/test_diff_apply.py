@@ -24,9 +24,11 @@ from recycler.stages.extract import diff_checkpoints
 
 
 def expected(target: dict, base: dict, tuned: dict, alpha: float = 1.0) -> dict:
-    """bf16(float32(m_t) + α·(float32(m′_s) − float32(m_s))), computed eagerly, tensor by tensor."""
+    """bf16(float32(m_t) + α₃₂·(float32(m′_s) − float32(m_s))), α₃₂ = float32(α), every step a float32
+    operation (the README's formula), computed eagerly, tensor by tensor."""
+    a32 = torch.tensor(alpha, dtype=torch.float32)
     return {
-        k: (t.float() + alpha * (tuned[k].float() - base[k].float())).to(t.dtype) if k in base else t
+        k: (t.float() + a32 * (tuned[k].float() - base[k].float())).to(t.dtype) if k in base else t
         for k, t in target.items()
     }
 

@@ -17,11 +17,33 @@ from recycler.errors import RecyclerError
 app = typer.Typer()  # commands are registered on the main app by `register`
 
 
-def _engine_threads() -> None:
-    """The engine parallelises across chunks (one numpy call per core at a time): OpenBLAS's own
-    threads (np.dot) would only oversubscribe the cores. Effective if numpy is not imported yet."""
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="Compute threads (default: one per core, up to 4; env RECYCLER_THREADS). "
+        "The output bytes do not depend on it.",
+    ),
+]
+
+
+def _engine_threads(threads: int | None, model: Path) -> None:
+    """The engine parallelises across chunks (one kernel call per core at a time): OpenBLAS's own
+    threads (np.dot) would only oversubscribe the cores. Effective if numpy is not imported yet.
+    `--threads` reaches the engine through RECYCLER_THREADS (`recycler.io.reader.compute_threads`).
+    For a large model the compiled kernels start loading now, beside the command's own start-up."""
     if "numpy" not in sys.modules:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    if threads is not None:
+        os.environ["RECYCLER_THREADS"] = str(threads)
+    from recycler.delta.fast import prefetch
+
+    try:
+        nbytes = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
+    except OSError:
+        return  # the command names the problem
+    prefetch(nbytes // 2)  # elements, if 16-bit (an over-estimate for float32 only starts it early)
 
 
 def _policy(
@@ -106,9 +128,10 @@ def diff(
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     track: TrackOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Extract Δ = TUNED − BASE into a verifiable Δ artifact (sharded safetensors + manifest)."""
-    _engine_threads()
+    _engine_threads(threads, base)
     from recycler.io.checkpoint import open_checkpoint
     from recycler.io.writer import parse_size
     from recycler.registry.runlog import log_json_artifact
@@ -164,9 +187,10 @@ def apply(
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     track: TrackOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Write TARGET + α·Δ as a checkpoint that loads with AutoModelForCausalLM.from_pretrained."""
-    _engine_threads()
+    _engine_threads(threads, target)
     from recycler.stages.apply import apply_diff
 
     policy = _policy(alpha, include, exclude, only_in_delta, vocab, tokenizer_from)
@@ -198,9 +222,10 @@ def recycle(
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     track: TrackOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Write TARGET + α·(TUNED − BASE) in one streaming pass, without storing Δ."""
-    _engine_threads()
+    _engine_threads(threads, target)
     from recycler.stages.apply import recycle as run
 
     policy = _policy(alpha, include, exclude, only_in_delta, vocab, tokenizer_from)

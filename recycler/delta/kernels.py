@@ -3,7 +3,8 @@
 What is computed (d32 = float32(m′) − float32(m), every operation rounded to float32):
   diff   stored = d32 rounded to the store dtype S (saturating at ±max), plus the residual
          (`recycler.delta.residual`): exc where widen(stored) ≠ d32, rt where the round trip fails.
-  apply  out = narrow_T(float32(m_t) + float32(α·d32)), and out = m′ where m_t equals m bit for bit at
+  apply  out = narrow_T(float32(m_t) + α₃₂·d32) with α₃₂ = float32(α), the product and the sum each
+         an IEEE float32 operation (README: "What is exact"), and out = m′ where m_t equals m bit for bit at
          an rt element (α = 1, one dtype throughout): m_t + (m′ − m) is then exactly m′.
 These are the definitions in `recycler.delta.math` (the eager oracle); tests/test_kernels.py checks the
 two agree bit for bit. recycle (Δ never stored) is apply with a `PairBlocks` source: the same bits
@@ -217,7 +218,7 @@ def apply_chunk(
     *,
     exact_roundtrip: bool,
 ) -> None:
-    """out (carrier of `dtype`) = narrow(float32(target) + float32(α·Δ)); see the module docstring.
+    """out (carrier of `dtype`) = narrow(float32(target) + float32(α)·Δ); see the module docstring.
 
     `exact_roundtrip` (α = 1 and base, fine-tuned and target of one dtype) enables the rt fix.
     Raises NonFiniteChunk naming the target, the Δ or the result.
@@ -234,7 +235,7 @@ def apply_chunk(
                 np.add(t, w, out=r)
             elif alpha == -1.0:
                 np.subtract(t, w, out=r)
-            else:  # α·Δ rounded to float32, then the sum rounded to float32 (two steps, as written)
+            else:  # float32(α)·Δ rounded to float32, then the sum rounded to float32 (two steps)
                 np.multiply(w, a32, out=r)
                 np.add(t, r, out=r)
             _check_result(r, dtype, t, w)

@@ -3,7 +3,8 @@
 The exactness contract, with d32 = float32(m′) − float32(m) (every operation rounded to float32):
   diff(m, m′)          = (stored, residual): d32 rounded to the store dtype, plus the sparse residual
                          that restores d32 exactly (`recycler.delta.residual`)
-  apply(m_t, Δ, α)     = round_T(float32(m_t) + float32(α·d32)), rounded once to the target dtype T;
+  apply(m_t, Δ, α)     = round_T(float32(m_t) ⊕ (α₃₂ ⊗ d32)), α₃₂ = float32(α), ⊗ ⊕ IEEE float32
+                         multiply and add (no FMA), the float32 sum rounded to the target dtype T;
                          except that where m_t equals m bit for bit (α = 1, one dtype throughout) and
                          that formula would not give m′, the result is m′ = m_t + (m′ − m) exactly
   ⇒ apply(m, diff(m, m′)) == m′ bit for bit, for bf16, fp16 and fp32 checkpoints, always;

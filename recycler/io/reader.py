@@ -194,11 +194,22 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+THREADS_ENV = "RECYCLER_THREADS"  # set by the Δ commands' --threads
+
+
 @contextlib.contextmanager
 def compute_threads() -> Iterator[int]:
-    """Chunk workers to use: one per core (up to 4). Each numpy call is single-threaded, so
-    parallelism is across chunks; sha256 and writes run on the writer's lane threads beside them."""
-    yield min(4, cores())
+    """Chunk workers (and writer lanes) to use: $RECYCLER_THREADS, else one per core up to 4. Each
+    kernel call is single-threaded and releases the GIL, so parallelism is across chunks (of one
+    tensor too); sha256 and writes run on the writer's lane threads beside them. The bytes written do
+    not depend on this number."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        yield min(4, cores())
+        return
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_ENV}={value!r}: expected a positive number of threads")
+    yield int(value)
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, window: int) -> Iterator[R]:

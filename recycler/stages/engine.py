@@ -1,5 +1,7 @@
 """The streaming loops of `diff` and `apply`/`recycle`: chunks read, computed by the pure kernels
-(`recycler.delta.kernels`) on worker threads, handed to the shard writer in order.
+(`recycler.delta.fast` picks the fused compiled ones or the numpy reference, same bytes) on worker
+threads, handed to the shard writer in order. The kernels release the GIL, so chunks of one tensor
+are computed on every worker thread at once.
 
 Order: the writer's lanes each own some shards; chunks are generated lane by lane in turn
 (`interleave`), so while one lane's thread hashes shard i another hashes shard i+1. Results that go
@@ -17,7 +19,8 @@ import numpy as np
 
 from recycler.delta.bits import carrier
 from recycler.delta.compat import Job
-from recycler.delta.kernels import NonFiniteChunk, apply_chunk, diff_chunk
+from recycler.delta.fast import choose
+from recycler.delta.kernels import NonFiniteChunk
 from recycler.errors import NonFiniteValues
 from recycler.io.checkpoint import Checkpoint
 from recycler.io.reader import (
@@ -58,6 +61,8 @@ def stream_diff(
 ) -> DiffTotals:
     """Compute every planned Δ tensor (stored dtype = its plan dtype) into `writer`, residual alongside."""
     chunks = ChunkReader()
+    numels = [math.prod(t.shape) for t in plan]
+    kernels = choose(sum(numels))
 
     def compute(item: tuple[int, int, int]):
         i, start, count = item
@@ -67,9 +72,8 @@ def stream_diff(
         nbytes = count * itemsize(t.dtype)
         b, f = chunks.raw(eb, start, count, "base"), chunks.raw(et, start, count, "tuned")
         try:
-            dc = diff_chunk(
-                b, eb.dtype, f, et.dtype, buf[:nbytes].view(carrier(t.dtype)), t.dtype, chunks.kernels()
-            )
+            out = buf[:nbytes].view(carrier(t.dtype))
+            dc = kernels.diff_chunk(b, eb.dtype, f, et.dtype, out, t.dtype, chunks.kernels())
         except NonFiniteChunk as e:
             where = {"base": eb.file, "fine-tuned": et.file}.get(e.role, et.file)
             raise NonFiniteValues(
@@ -81,9 +85,8 @@ def stream_diff(
 
     totals = DiffTotals()
     try:
-        numels = [math.prod(t.shape) for t in plan]
         for (i, _, count), buf, nbytes, dc in ordered_map(
-            compute, _items(writer, numels), workers=workers, window=WINDOW
+            compute, _items(writer, numels), workers=workers, window=max(WINDOW, workers)
         ):
             writer.submit(i, buf, nbytes, dc.residual)
             s = totals.sumsq.setdefault(plan[i].name, [0.0, 0.0])
@@ -134,6 +137,8 @@ def stream_apply(
     """Compute target + α·Δ for every job on `workers` threads; hand chunks to the writer in order."""
     chunks = ChunkReader()
     work = prepare_jobs(jobs, opener, chunks, alpha)
+    numels = [j.entry.numel for j in work]
+    kernels = choose(sum(n for j, n in zip(work, numels, strict=True) if j.source is not None))
 
     def compute(item: tuple[int, int, int]) -> tuple[int, np.ndarray, int]:
         i, start, count = item
@@ -148,7 +153,7 @@ def stream_apply(
         try:
             blocks = job.source.blocks(start, count)
             out = buf[:nbytes].view(carrier(e.dtype))
-            apply_chunk(
+            kernels.apply_chunk(
                 raw, e.dtype, out, blocks, alpha, chunks.kernels(), exact_roundtrip=job.exact_roundtrip
             )
         except NonFiniteChunk as err:
@@ -156,8 +161,9 @@ def stream_apply(
         return i, buf, nbytes
 
     try:
-        numels = [j.entry.numel for j in work]
-        for i, buf, nbytes in ordered_map(compute, _items(writer, numels), workers=workers, window=WINDOW):
+        for i, buf, nbytes in ordered_map(
+            compute, _items(writer, numels), workers=workers, window=max(WINDOW, workers)
+        ):
             writer.submit(i, buf, nbytes)
             if on_progress:
                 on_progress(nbytes)

@@ -1,0 +1,387 @@
+"""The fused compiled kernels against the numpy reference kernels, bit for bit.
+
+Every bf16 pattern (as base, fine-tune and target), random blocks of every dtype mixing the hard
+values (±0, subnormals, ±max, values 17+ binades apart, sign flips, NaN/Inf), α ≠ 1, every Δ source
+(stored + residual, a (base, fine-tune) pair, a decoded float32 Δ) and every store dtype. Refusals
+(NaN/Inf, overflow) must be the same refusal. Then the engine: the same bytes whatever the kernels
+and the number of threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from recycler.delta import fast
+from recycler.delta import kernels as ref
+from recycler.delta.bits import OVERFLOW_AT, bits, carrier, round_sparse, to_float32
+from recycler.delta.kernels import DenseBlocks, NonFiniteChunk, PairBlocks, Scratch, StoredBlocks
+
+FUSED = fast.Fused()
+DTYPES = ["BF16", "F16", "F32"]
+ALPHAS = [1.0, -1.0, 0.7, 0.3, 2.5, 0.0]
+WIDTH = {"BF16": 16, "F16": 16, "F32": 32}
+
+
+def from_f64(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 values rounded once to `dtype` (its carrier)."""
+    if dtype == "BF16":
+        return round_sparse(x.astype(np.float32), "BF16")  # float32 then bf16: good enough for data
+    with np.errstate(over="ignore"):
+        return x.astype(carrier(dtype))
+
+
+def hard_values(dtype: str) -> np.ndarray:
+    tiny = {"BF16": 1e-39, "F16": 3e-7, "F32": 1e-44}[dtype]
+    big = {"BF16": 1e37, "F16": 3e4, "F32": 1e37}[dtype]
+    v = [0.0, -0.0, tiny, -tiny, 3 * tiny, 1e-3, -1e-3, 1.0, -2.0, 2.0**-30, 3.0, big, -big, 0.25, 7.0]
+    return np.array(v)
+
+
+def random_block(dtype: str, n: int, seed: int, *, raw_bits: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(m, m′) of `dtype`: a fine-tune drawn in float64, hard values mixed in, optionally random
+    bit patterns (any finite value, so also differences that overflow)."""
+    g = np.random.default_rng(seed)
+    scale = 0.02 * np.exp(g.uniform(-6, 6, n))
+    m = g.standard_normal(n) * scale
+    mp = m + g.standard_normal(n) * scale * g.choice([1e-3, 0.1, 3.0], n)
+    h = hard_values(dtype)
+    k = n // 4
+    m[:k] = g.choice(h, k)
+    mp[k // 2 : k + k // 2] = g.choice(h, k)
+    a, b = from_f64(m, dtype), from_f64(mp, dtype)
+    if raw_bits:  # a slice of arbitrary finite patterns
+        width = WIDTH[dtype]
+        for arr in (a, b):
+            u = bits(arr)
+            r = g.integers(0, 2**width, k, dtype=np.uint64).astype(u.dtype)
+            u[-k:] = r
+        for arr in (a, b):  # keep them finite: NaN/Inf are tested on their own
+            bad = ~np.isfinite(to_float32(arr, dtype))
+            bits(arr)[bad] = 0
+    return a, b
+
+
+def diff_both(base, bdt, tuned, tdt, store):
+    outs, results = [], []
+    for k in (fast.Reference(), FUSED):
+        out = np.empty(len(base), carrier(store))
+        try:
+            results.append(k.diff_chunk(base, bdt, tuned, tdt, out, store, Scratch()))
+        except NonFiniteChunk as e:
+            results.append((e.role, e.count))
+        outs.append(out)
+    return outs, results
+
+
+def assert_same_diff(base, bdt, tuned, tdt, store):
+    before = FUSED.fallbacks
+    (o1, o2), (r1, r2) = diff_both(base, bdt, tuned, tdt, store)
+    if isinstance(r1, tuple) or isinstance(r2, tuple):
+        assert r1 == r2  # the same refusal
+        return None
+    assert FUSED.fallbacks == before  # the fused kernel computed it
+    assert np.array_equal(bits(o1), bits(o2))
+    a, b = r1.residual, r2.residual
+    assert np.array_equal(a.exc_idx, b.exc_idx)
+    assert np.array_equal(bits(a.exc_val), bits(b.exc_val))
+    assert np.array_equal(a.rt_idx, b.rt_idx)
+    assert np.array_equal(bits(a.rt_base), bits(b.rt_base)) and a.rt_base.dtype == b.rt_base.dtype
+    assert np.array_equal(bits(a.rt_tuned), bits(b.rt_tuned)) and a.rt_tuned.dtype == b.rt_tuned.dtype
+    assert r2.sumsq_delta == pytest.approx(r1.sumsq_delta, rel=1e-5, abs=1e-30)
+    assert r2.sumsq_base == pytest.approx(r1.sumsq_base, rel=1e-5, abs=1e-30)
+    return o1, a
+
+
+def apply_both(target, dtype, blocks, alpha, exact):
+    outs = []
+    for k in (fast.Reference(), FUSED):
+        out = np.empty_like(target)
+        try:
+            k.apply_chunk(target, dtype, out, blocks, alpha, Scratch(), exact_roundtrip=exact)
+            outs.append(out)
+        except NonFiniteChunk as e:
+            outs.append((e.role, e.count))
+    return outs
+
+
+def assert_same_apply(target, dtype, blocks, alpha, exact):
+    before = FUSED.fallbacks
+    a, b = apply_both(target, dtype, blocks, alpha, exact)
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        assert a == b
+    else:
+        assert np.array_equal(bits(a), bits(b))
+        assert FUSED.fallbacks == before  # the fused kernel computed it
+
+
+# ---- the bit helpers ---------------------------------------------------------------------------------
+
+
+def test_float16_widening_of_every_pattern_is_numpy_s():
+    from recycler.delta import fused
+
+    h = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    want = h.view(np.float16).astype(np.float32).view(np.uint32)
+    got = np.array([fused._f16_to_f32(x) for x in h], np.uint32)
+    assert np.array_equal(got, want)
+
+
+def test_float16_narrowing_rounds_as_numpy():
+    from recycler.delta import fused
+
+    g = np.random.default_rng(0)
+    u = g.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    edges = np.float32([65504, 65519.996, 65520, 65536, 2.0**-24, 2.0**-25, 2.0**-25 * 1.0000001, 2.0**-14])
+    near = (h := np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32))
+    mids = near.view(np.uint32)[None, :] + np.array([[0], [1], [0xFFF], [0x1000], [0x1001]], np.uint32)
+    u = np.concatenate([u, edges.view(np.uint32), -edges.view(np.uint32), mids.ravel()])
+    u = u[np.isfinite(u.view(np.float32))]  # NaN is never narrowed (refused before)
+    with np.errstate(over="ignore"):
+        want = u.view(np.float32).astype(np.float16).view(np.uint16)
+    got = np.array([fused._f32_to_f16(x) for x in u], np.uint16)
+    assert np.array_equal(got, want), (u[got != want][:5], got[got != want][:5], want[got != want][:5])
+    del h
+
+
+# ---- diff --------------------------------------------------------------------------------------------
+
+
+def all_finite_bf16() -> np.ndarray:
+    p = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    return p[(p & 0x7F80) != 0x7F80]
+
+
+def keep_finite(m: np.ndarray, mp: np.ndarray) -> None:
+    """m′ := m where m′ − m overflows float32 (refusals are tested on their own)."""
+    d = to_float32(mp, "BF16").astype(np.float64) - to_float32(m, "BF16").astype(np.float64)
+    over = np.abs(d) >= float(np.finfo(np.float32).max)
+    mp[over] = m[over]
+
+
+@pytest.mark.parametrize("store", DTYPES)
+def test_diff_on_every_bf16_pattern(store):
+    p = all_finite_bf16()
+    g = np.random.default_rng(1)
+    for tuned in (np.roll(p, 1), np.roll(p, 4099), g.permutation(p), p[::-1].copy(), p ^ 0x8000, p.copy()):
+        keep_finite(p, tuned)
+        assert assert_same_diff(p, "BF16", tuned, "BF16", store) is not None  # compared, not refused
+
+
+def test_diff_refuses_every_nonfinite_bf16_pattern_like_the_reference():
+    p = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    nonfinite = p[(p & 0x7F80) == 0x7F80]
+    base = np.full(20_001, 0x3F80, np.uint16)
+    for role in ("base", "tuned"):
+        for v in nonfinite.tolist():  # all 256 NaN/Inf patterns
+            b, t = base.copy(), base.copy()
+            (b if role == "base" else t)[12345] = v
+            (_, _), (r1, r2) = diff_both(b, "BF16", t, "BF16", "BF16")
+            assert isinstance(r1, tuple) and r1 == r2
+
+
+@pytest.mark.parametrize("bdt", DTYPES)
+@pytest.mark.parametrize("tdt", DTYPES)
+@pytest.mark.parametrize("store", DTYPES)
+def test_diff_on_random_blocks_of_every_dtype(bdt, tdt, store):
+    for seed, raw in ((0, False), (1, True)):
+        m, _ = random_block(bdt, 70_001, seed, raw_bits=raw)
+        _, mp = random_block(tdt, 70_001, seed, raw_bits=raw)
+        assert_same_diff(m, bdt, mp, tdt, store)
+
+
+def test_diff_refuses_nonfinite_inputs_and_overflow_like_the_reference():
+    for dtype in DTYPES:
+        m, mp = random_block(dtype, 9_000, 3)
+        for arr, v in ((m, np.inf), (mp, np.nan), (mp, -np.inf)):
+            a = arr.copy()
+            a[4321] = from_f64(np.array([v]), dtype)[0]
+            b, t = (a, mp) if arr is m else (m, a)
+            (_, _), (r1, r2) = diff_both(b, dtype, t, dtype, dtype)
+            assert isinstance(r1, tuple) and r1 == r2
+    m, mp = np.float32([3e38, 1.0]), np.float32([-3e38, 1.0])  # d32 overflows float32
+    (_, _), (r1, r2) = diff_both(m, "F32", mp, "F32", "F32")
+    assert isinstance(r1, tuple) and r1 == r2
+
+
+# ---- apply -------------------------------------------------------------------------------------------
+
+
+def sources(m, mp, dtype, store):
+    stored, res = np.empty(len(m), carrier(store)), None
+    res = ref.diff_chunk(m, dtype, mp, dtype, stored, store, Scratch()).residual
+    d32 = np.empty(len(m), np.float32)
+    from recycler.io.reader import decode_into
+
+    decode_into(StoredBlocks(stored, store, res), d32, Scratch())
+    return {
+        "stored": StoredBlocks(stored, store, res),
+        "pair": PairBlocks(m, dtype, mp, dtype),
+        "dense": DenseBlocks(d32),
+    }
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_apply_on_every_bf16_pattern(alpha):
+    p = all_finite_bf16()
+    g = np.random.default_rng(2)
+    m = g.permutation(p)
+    mp = np.roll(m, 7)
+    keep_finite(m, mp)
+    target = p.copy()
+    target[::5] = m[::5]  # the target equals the base there: the round-trip rule
+    for store in DTYPES:
+        for blocks in sources(m, mp, "BF16", store).values():
+            assert_same_apply(target, "BF16", blocks, alpha, alpha == 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_apply_on_random_blocks_of_every_dtype(dtype, alpha):
+    for seed, raw in ((4, False), (5, True)):
+        m, mp = random_block(dtype, 70_001, seed, raw_bits=raw)
+        t, _ = random_block(dtype, 70_001, seed + 10, raw_bits=raw)
+        t[::3] = m[::3]
+        try:
+            srcs = sources(m, mp, dtype, dtype)
+        except NonFiniteChunk:  # raw patterns whose difference overflows: only the pair can carry them
+            srcs = {"pair": PairBlocks(m, dtype, mp, dtype)}
+        for blocks in srcs.values():
+            for exact in {alpha == 1.0, False}:
+                assert_same_apply(t, dtype, blocks, alpha, exact)
+
+
+def test_apply_with_mixed_dtypes_and_other_store_dtypes():
+    m, mp = random_block("BF16", 30_000, 6)
+    t, _ = random_block("F32", 30_000, 7)
+    for store in DTYPES:
+        for blocks in sources(m, mp, "BF16", store).values():
+            for alpha in (1.0, 0.7):
+                assert_same_apply(t, "F32", blocks, alpha, False)
+                assert_same_apply(
+                    from_f64(to_float32(t, "F32").astype(np.float64), "F16"), "F16", blocks, alpha, False
+                )
+    m16, mp32 = random_block("F16", 30_000, 8)[0], random_block("F32", 30_000, 8)[1]
+    assert_same_apply(t, "F32", PairBlocks(m16, "F16", mp32, "F32"), 1.0, True)
+
+
+def test_apply_refusals_are_the_reference_s():
+    m, mp = random_block("BF16", 9_000, 9)
+    blocks = sources(m, mp, "BF16", "BF16")
+    t = m.copy()
+    t[100] = 0x7F7F  # bf16 max: + a positive Δ overflows
+    bits(mp)[100] = 0x3F80
+    bits(m)[100] = 0x0000
+    for b in list(sources(m, mp, "BF16", "BF16").values()) + list(blocks.values()):
+        assert_same_apply(t, "BF16", b, 1.0, True)
+    t16 = from_f64(np.full(100, 65000.0), "F16")
+    a, b = apply_both(t16, "F16", DenseBlocks(np.full(100, 600.0, np.float32)), 1.0, False)
+    assert isinstance(a, tuple) and a == b  # 65600 overflows float16
+    a, b = apply_both(t16, "F16", DenseBlocks(np.full(100, 30.0, np.float32)), 1.0, False)
+    assert not isinstance(a, tuple) and np.array_equal(bits(a), bits(b))  # 65030 does not
+    for v in (np.inf, np.nan):
+        tt = m.copy()
+        tt[7] = from_f64(np.array([v]), "BF16")[0]
+        assert_same_apply(tt, "BF16", blocks["pair"], 0.7, False)
+
+
+# ---- the README's apply formula (item 9 of issue 19) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", [0.7, 1 / 3, -2.5])
+def test_apply_is_the_readme_formula_in_float64(dtype, alpha):
+    """round_T(float32(m_t) + α₃₂·d32) with α₃₂ = float32(α) and each step an IEEE float32 operation,
+    computed here in float64 (exact for a float32 product; a float64 sum rounded to float32 is the
+    correctly rounded float32 sum), independently of both kernels."""
+    m, mp = random_block(dtype, 50_000, 11)
+    t, _ = random_block(dtype, 50_000, 12)
+    d32 = to_float32(mp, dtype).astype(np.float64) - to_float32(m, dtype).astype(np.float64)
+    d32 = d32.astype(np.float32)  # float32(m′) − float32(m), correctly rounded
+    a32 = float(np.float32(alpha))
+    with np.errstate(over="ignore"):
+        prod = (a32 * d32.astype(np.float64)).astype(np.float32)
+        r = (to_float32(t, dtype).astype(np.float64) + prod.astype(np.float64)).astype(np.float32)
+    ok = np.isfinite(r) & (np.abs(r) < OVERFLOW_AT[dtype])
+    want = round_sparse(r[ok], dtype)
+    blocks = sources(m[ok], mp[ok], dtype, dtype)
+    for k in (fast.Reference(), FUSED):
+        for b in blocks.values():
+            out = np.empty(int(ok.sum()), carrier(dtype))
+            k.apply_chunk(t[ok], dtype, out, b, alpha, Scratch(), exact_roundtrip=False)
+            assert np.array_equal(bits(out), bits(want))
+
+
+# ---- the engine ----------------------------------------------------------------------------------------
+
+
+def folder_digest(folder) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*.safetensors"))
+    }
+
+
+def test_engine_bytes_do_not_depend_on_kernels_or_threads(models, tmp_path, monkeypatch):
+    from recycler.stages.apply import apply_diff, recycle
+    from recycler.stages.extract import diff_checkpoints
+
+    seen = {}
+    for kernels, threads in (("numpy", "2"), ("fused", "1"), ("fused", "2"), ("fused", "3")):
+        monkeypatch.setenv(fast.ENV, kernels)
+        monkeypatch.setenv("RECYCLER_THREADS", threads)
+        tag = f"{kernels}-{threads}"
+        d = diff_checkpoints(models["base"], models["tuned"], tmp_path / f"d-{tag}", max_shard_bytes=1 << 20)
+        a = apply_diff(models["target"], d.path, tmp_path / f"a-{tag}")
+        r = recycle(models["base"], models["tuned"], models["target"], tmp_path / f"r-{tag}")
+        seen[tag] = (folder_digest(d.path), folder_digest(a.path), folder_digest(r.path))
+        assert d.manifest["residual"]["exceptions"] > 0
+    first = next(iter(seen.values()))
+    assert all(v == first for v in seen.values())
+
+
+def test_a_small_run_does_not_import_numba(models, tmp_path):
+    probe = (
+        "import sys; from recycler.stages.extract import diff_checkpoints;"
+        f"diff_checkpoints({str(models['base'])!r}, {str(models['tuned'])!r}, {str(tmp_path / 'd')!r});"
+        "print('numba' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_kernel_choice_follows_size_and_environment(monkeypatch):
+    monkeypatch.delenv(fast.ENV, raising=False)
+    assert fast.choose(10).name == "numpy"
+    assert fast.choose(fast.FUSED_MIN).name == "fused"
+    monkeypatch.setenv(fast.ENV, "numpy")
+    assert fast.choose(10**12).name == "numpy"
+    monkeypatch.setenv(fast.ENV, "fused")
+    assert fast.choose(1).name == "fused"
+    monkeypatch.setenv(fast.ENV, "fast")
+    with pytest.raises(ValueError, match="RECYCLER_KERNELS"):
+        fast.choose(1)
+
+
+def test_threads_option_of_the_commands(models, tmp_path):
+    """`--threads N` reaches the engine (RECYCLER_THREADS) and leaves the bytes alone."""
+    app = [sys.executable, "-m", "recycler.cli.app"]
+    env = {k: v for k, v in os.environ.items() if k != "RECYCLER_THREADS"} | {fast.ENV: "fused"}
+    outs = []
+    for threads in ("1", "2"):
+        d = tmp_path / f"d{threads}"
+        subprocess.run([*app, "diff", models["base"], models["tuned"], "-o", d, "-q", "--threads", threads],
+                       check=True, env=env)  # fmt: skip
+        a = tmp_path / f"a{threads}"
+        subprocess.run([*app, "apply", models["target"], d, "-o", a, "-q", "-a", "0.7", "--threads", threads],
+                       check=True, env=env)  # fmt: skip
+        outs.append((folder_digest(d), folder_digest(a)))
+    assert outs[0] == outs[1]
+    bad = subprocess.run([*app, "diff", models["base"], models["tuned"], "-o", tmp_path / "x", "--threads", "0"],
+                         capture_output=True, text=True, env=env)  # fmt: skip
+    assert bad.returncode != 0 and "--threads" in bad.stderr
