@@ -18,7 +18,7 @@ from recycler.delta.policy import ApplyPolicy, CompatibilityReport
 from recycler.delta.vocab import RowMap, align_by_prefix, align_by_tokens, identity_map
 from recycler.errors import IncompatibleCheckpoints
 
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # FP8 widens exactly to float32
 
 
 class TensorSpec(Protocol):

@@ -69,22 +69,33 @@ class PrecheckResult(BaseModel):
 
 
 def _base_for(target: Checkpoint, diff: Checkpoint, base: Path | None) -> tuple[Path | None, list[str]]:
-    """The Δ's source base: the given folder (checked against the Δ's manifest) or the target itself."""
+    """The Δ's source base: the given folder (checked against the Δ's manifest) or the target itself.
+
+    Every fingerprint kind is checked (manifest digest, full sha256, structure): a base that cannot be
+    matched is refused, since distance and cosine against the wrong base are numbers with no meaning.
+    """
     recorded = ((diff.manifest or {}).get("sources") or {}).get("base") or {}
     want = recorded.get("fingerprint") or {}
+    kind = want.get("kind")
     if base is not None:
-        got = fingerprint(open_checkpoint(base), full=want.get("kind") == "sha256")
-        if want.get("kind") in ("sha256", "structure") and got["sha256"] != want.get("sha256"):
+        if kind not in ("manifest", "sha256", "structure"):
             raise IncompatibleCheckpoints(
-                f"{base} is not the base {diff.path} was extracted from (fingerprints differ); "
-                f"pass the folder recorded in its manifest (id {recorded.get('id')!r})"
+                f"{diff.path}: its manifest records no fingerprint of its base, so {base} cannot be checked; "
+                "omit --base (rank by the probe alone)"
             )
-        note = (
-            ["base matched to the Δ's manifest by structure only"] if want.get("kind") == "structure" else []
-        )
+        got = fingerprint(open_checkpoint(base), full=kind == "sha256")
+        if got["kind"] != kind or got["sha256"] != want.get("sha256"):
+            raise IncompatibleCheckpoints(
+                f"{base} is not the base {diff.path} was extracted from (its {got['kind']} fingerprint does "
+                f"not match the Δ's recorded {kind} fingerprint); pass the folder recorded in its manifest "
+                f"(id {recorded.get('id')!r})"
+            )
+        note = ["base matched to the Δ's manifest by structure only"] if kind == "structure" else []
         return Path(base), note
-    if want.get("kind") == "sha256" and fingerprint(target, full=True)["sha256"] == want.get("sha256"):
-        return target.path, ["the target is the Δ's own base"]
+    if kind in ("sha256", "manifest"):
+        got = fingerprint(target, full=kind == "sha256")
+        if got["kind"] == kind and got["sha256"] == want.get("sha256"):
+            return target.path, ["the target is the Δ's own base"]
     return None, [f"source base unknown (pass --base for {diff.path.name}): no distance or cosine"]
 
 
