@@ -3,8 +3,10 @@
 Every FP8 value is a float32 value, so widening is a 256-entry table lookup and exact; a Δ of FP8
 weights is computed and stored in float32 like any other. Narrowing a float32 result back is a
 round to nearest, ties to even, on the exact values (float64 midpoints, never a second rounding).
-A result that does not fit is refused, as torch's own conversion would give NaN (E4M3: |x| ≥ 464,
-which has no Inf) or Inf (E5M2: |x| ≥ 59392, the tie above 57344 that rounds to the even Inf).
+A result that rounds beyond the largest finite value is refused, as BF16/F16 overflows are, rather
+than saturated: E4M3 above 464 (464 itself is a tie that goes to the even 448; the format has no
+Inf), E5M2 from 59392 (the tie above 57344 goes to the even code, Inf). torch's CPU conversion
+saturates E4M3 to 448 and sends 59392 to 57344, so it is not the reference here; the IEEE rule is.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
-OVERFLOW_AT = {"F8_E4M3": 464.0, "F8_E5M2": 59392.0}
+# The smallest float32 magnitude that overflows each format.
+OVERFLOW_AT = {"F8_E4M3": float(np.nextafter(np.float32(464.0), np.float32(np.inf))), "F8_E5M2": 59392.0}
 
 
 class NarrowOverflow(ArithmeticError):
