@@ -102,12 +102,13 @@ def _draw(g: torch.Generator, shape: tuple[int, ...], scale: float) -> torch.Ten
 
 
 def _plant_hard_values(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Sign flips, changes by more than 2×, −0, subnormal-ish and far-apart values in m′."""
-    y = y.clone().reshape(-1)
-    x = x.reshape(-1)
-    if len(y) >= 6:
+    """In m′: a sign flip, a change by more than 2×, −0 and a value far from m's (matrices only, few
+    enough that ‖Δ‖/‖m‖ stays that of a fine-tune); a −0 in vectors."""
+    y, x = y.clone().reshape(-1), x.reshape(-1)
+    if len(y) >= 64:
         y[0], y[1], y[2], y[3] = -0.5 * x[0], 3 * x[1], -0.0, x[3] * 2.0**-12
-        y[4], y[5] = 0.0, -2 * x[5]
+    elif len(y):
+        y[0] = -0.0
     return y
 
 
@@ -392,6 +393,89 @@ def run_case(seed: int, root: Path) -> Case:
 @pytest.mark.parametrize("seed", range(DEFAULT_CASES))
 def test_every_path_equals_the_oracle_or_refuses(seed, tmp_path):
     run_case(seed, tmp_path)
+
+
+# ---- through the service ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ConstantScorer:
+    """The transfer evaluates base and result; the numbers do not matter here."""
+
+    def score(self, model: Path, evaluation) -> float:
+        return 0.5
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """A local store and registry (sqlite), as a worker without servers has them; no MLflow runs."""
+    import os
+
+    from recycler.registry.client import Registry
+    from recycler.service.services import Services
+    from recycler.settings import Settings
+    from recycler.store.local import LocalStore
+
+    root = tmp_path_factory.mktemp("service")
+    saved = os.environ.get("RECYCLER_TRACK")
+    os.environ["RECYCLER_TRACK"] = "0"
+    settings = Settings(home=root / "home", tracking_uri="", registry_uri="", artifact_store="")
+    task = root / "task.jsonl"
+    task.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    yield Services(settings, LocalStore(Path(settings.artifact_store)), Registry(settings.tracking_uri),
+                   None, ConstantScorer()), task  # fmt: skip
+    if saved is None:
+        os.environ.pop("RECYCLER_TRACK", None)
+    else:
+        os.environ["RECYCLER_TRACK"] = saved
+
+
+def run_backport(seed: int, root: Path, svc, task: Path) -> None:
+    """Register the case's target as base v1 and its Δ, then `run_transfer("backport", …)`: the
+    registered result must be the oracle's, or the transfer refused with an expected error."""
+    import shutil
+
+    from recycler.service import steps
+    from recycler.service.spec import EvalSettings
+    from recycler.service.transfer import TransferRequest, run_transfer
+    from recycler.store import ensure_manifest
+
+    case = build_case(seed)
+    case.only_in_delta = "error"  # the service applies with the default policy
+    where = f"seed {seed} through the service (α={case.alpha}, {', '.join(case.notes)})"
+    base = write_side(case.base, root / "base", case.style)
+    tuned = write_side(case.tuned, root / "tuned", case.style)
+    assert not oracle_refusals_of_pair(case)
+    d = diff_checkpoints(base, tuned, root / "delta", dtype=case.store).path
+    target = write_side(case.target, root / "target", case.style)
+    ensure_manifest(target, kind="model", body={"role": "base"})
+    family = f"diff{seed}"
+    steps.publish_and_register(svc, target, "base", family, "inst", "v1")
+    diff_v = steps.publish_and_register(svc, d, "diff", family, "inst", "v0")
+    request = TransferRequest(
+        family=family, variant="inst", evaluation=EvalSettings(task=task), alpha=case.alpha
+    )
+    want, errors = oracle_apply(case, case.alpha)
+    result = expect(
+        lambda: run_transfer("backport", diff_v.reference, "v1", request, services=svc), errors, where
+    )
+    if result is not None:
+        registered = svc.registry.resolve(result.registered)
+        out = svc.store.fetch(registered.artifact, root / "fetched")
+        check_output(out, want, where)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# Cases whose pair `diff` accepts (the refusals are tested above), every SERVICE_EVERY-th of them.
+SERVICE_SEEDS = [s for s in range(DEFAULT_CASES) if not oracle_refusals_of_pair(build_case(s))][
+    ::SERVICE_EVERY
+]
+
+
+@pytest.mark.parametrize("seed", SERVICE_SEEDS)
+def test_backport_through_the_service_equals_the_oracle_or_refuses(seed, tmp_path, service):
+    svc, task = service
+    run_backport(seed, tmp_path, svc, task)
 
 
 @pytest.mark.slow
