@@ -174,6 +174,11 @@ def _account_unused(
             )
         elif policy.only_in_delta == "ignore":
             report.ignored_delta_only.append(name)
+        elif name in target.tensors:  # present, but an integer/bool tensor: no Δ can be added to it
+            report.errors.append(
+                f"Δ tensor {name} is {target.tensors[name].dtype} in the target, not a float tensor "
+                "(--only-in-delta ignore to skip it)"
+            )
         else:
             report.errors.append(
                 f"Δ tensor {name} has no counterpart in the target (--only-in-delta ignore to skip it)"
