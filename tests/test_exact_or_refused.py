@@ -55,9 +55,11 @@ def test_recycle_cli_exits_5_with_the_same_option(models, tmp_path):
         models["unrelated"],
         models["target"],
     ]
-    run = lambda *extra: subprocess.run(
-        [*map(str, args), "-o", str(tmp_path / "o"), *extra], capture_output=True, text=True, timeout=120
-    )  # noqa: E731
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [*map(str, args), "-o", str(tmp_path / "o"), *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
     r = run()
     assert r.returncode == 5 and "exceeds 0.5" in r.stdout + r.stderr, r.stdout + r.stderr
     assert not (tmp_path / "o").exists()
@@ -189,6 +191,11 @@ def test_tied_embeddings_resolved_when_the_config_omits_the_key(models, tmp_path
     assert "lm_head.weight" in res.report.applied and "lm_head.weight" not in res.report.kept_target_only
     got, tgt = load_state(res.path), load_state(models["target"])
     assert not torch.equal(got["lm_head.weight"], tgt["lm_head.weight"])
+    # A Δ written before this fix recorded `tied_embeddings: false`: its source config decides again.
+    manifest = json.loads((d.path / "manifest.json").read_text())
+    (d.path / "manifest.json").write_text(json.dumps({**manifest, "tied_embeddings": False}))
+    again = apply_diff(models["target"], d.path, tmp_path / "o2")
+    assert torch.equal(load_state(again.path)["lm_head.weight"], got["lm_head.weight"])
 
 
 def test_a_stored_head_means_untied_when_the_config_is_silent(models, tmp_path):

@@ -64,15 +64,20 @@ class Checkpoint:
         it), which the tensors reveal without importing transformers: a vocabulary embedding with no
         output head stored beside it is tied (the head is the embedding); a stored head is untied.
         """
-        cfg = self.config or {}
-        for c in (cfg, cfg.get("text_config") or {}):
-            if isinstance(c, dict) and c.get("tie_word_embeddings") is not None:
-                return bool(c["tie_word_embeddings"])
-        return tied_by_tensors(self.tensors, self.vocab_size)
+        return resolve_tied(self.config, self.tensors, self.vocab_size)
 
     def side_files(self) -> list[Path]:
         """Tokenizer files and generation config present in the folder (copied into outputs)."""
         return [self.path / n for n in (*TOKENIZER_FILES, GENERATION_CONFIG) if (self.path / n).is_file()]
+
+
+def resolve_tied(config: dict | None, tensors: Mapping[str, TensorEntry], vocab_size: int | None) -> bool:
+    """`Checkpoint.tied_embeddings` for any config and tensor set (a Δ folder keeps its source's config)."""
+    cfg = config or {}
+    for c in (cfg, cfg.get("text_config") or {}):
+        if isinstance(c, dict) and c.get("tie_word_embeddings") is not None:
+            return bool(c["tie_word_embeddings"])
+    return tied_by_tensors(tensors, vocab_size)
 
 
 def tied_by_tensors(tensors: Mapping[str, TensorEntry], vocab_size: int | None) -> bool:

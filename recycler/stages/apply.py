@@ -19,7 +19,14 @@ from recycler.delta.compat import Side, compare_tensor_sets, plan_transfer
 from recycler.delta.policy import ApplyPolicy, CompatibilityReport
 from recycler.errors import IncompatibleCheckpoints, InvalidCheckpoint
 from recycler.io.atomic import atomic_folder
-from recycler.io.checkpoint import GENERATION_CONFIG, TOKENIZER_FILES, Checkpoint, load_vocab, open_checkpoint
+from recycler.io.checkpoint import (
+    GENERATION_CONFIG,
+    TOKENIZER_FILES,
+    Checkpoint,
+    load_vocab,
+    open_checkpoint,
+    resolve_tied,
+)
 from recycler.io.manifest import (
     FileEntry,
     fail_if,
@@ -88,7 +95,7 @@ def stored_delta(diff_path: Path) -> DeltaInputs:
     residual_files = _residual_files(ck.path, m)
     entries = ck.tensors
     side = Side(
-        entries, m.get("vocab_size"), bool(m.get("tied_embeddings")), load_vocab(ck.path), str(ck.path)
+        entries, m.get("vocab_size"), _delta_tied(ck.path, m, entries), load_vocab(ck.path), str(ck.path)
     )
 
     def open_sources(chunks: ChunkReader) -> Callable[[str], DeltaSource]:
@@ -108,6 +115,19 @@ def stored_delta(diff_path: Path) -> DeltaInputs:
             FileEntry(rel, m["files"][rel]["sha256"], m["files"][rel]["size"]) for rel in residual_files
         ],
     )
+
+
+def _delta_tied(folder: Path, m: dict, entries: dict[str, TensorEntry]) -> bool:
+    """Whether the Δ's source ties embeddings, decided again from its config and tensors: Δs written
+    before the class default was read from the tensors recorded false for configs without the key."""
+    cfg = folder / "tuned_config.json"
+    if not cfg.is_file():
+        return bool(m.get("tied_embeddings"))
+    try:
+        config = json.loads(cfg.read_text())
+    except ValueError as e:
+        raise InvalidCheckpoint(f"{cfg}: unreadable ({e})") from e
+    return resolve_tied(config if isinstance(config, dict) else None, entries, m.get("vocab_size"))
 
 
 def _residual_files(folder: Path, m: dict) -> list[str]:
