@@ -313,6 +313,11 @@ def test_spec_finetune_config_and_evaluate_cli_share_every_evaluation_option(tmp
         == {"limit", "extract", "max_new_tokens", "batch_size", "normalize", "chat"}
     )
 
+    from recycler.stages.evaluate.options import EvalOptions
+
+    signature = inspect.signature(evaluate_command).parameters
+    for name in cli_names:  # the same defaults too
+        assert signature[name].default == EvalOptions.model_fields[name].default, name
     task = tmp_path / "mc.jsonl"
     task.write_text("".join(json.dumps(r) + "\n" for r in MC_TASK))
     chosen = {
