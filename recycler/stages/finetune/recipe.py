@@ -93,6 +93,7 @@ class FinetuneRecipe:
         self.fingerprint = {
             "config": cfg.resume_fingerprint(),
             "data_sha256": sha256_file(self.train_path).sha256,
+            # hashed only where checkpoints are written or read: a resume must continue this model
             "model": start_model_identity(self.model_dir)
             if self.resume_requested or cfg.save_every
             else None,
