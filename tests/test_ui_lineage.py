@@ -269,6 +269,32 @@ def test_the_working_directory_is_not_a_secret(monkeypatch, tmp_path):
     assert scrub({"path": artifact, "x": "pw hunter2-hunter2"}) == {"path": artifact, "x": "pw ***"}
 
 
+def test_a_cycle_run_from_a_checkout_shows_its_artifact_paths(tiny_releases, tmp_path, monkeypatch):
+    """Issue 19 item 11 end to end: a cycle run from a known directory with the default local settings
+    (artifacts under ./.recycler, as `make demo` from a checkout) registers versions whose
+    descriptions show the artifact path, not `***/…`."""
+    from recycler.store.local import LocalStore
+
+    checkout = tmp_path / "checkout"
+    releases = checkout / "releases"
+    releases.mkdir(parents=True)
+    shutil.copytree(tiny_releases["v1"], releases / "v1", copy_function=os.link)
+    monkeypatch.chdir(checkout)
+    monkeypatch.setenv("PWD", str(checkout))
+    monkeypatch.setenv("RECYCLER_TRACK", "0")
+    settings = Settings(home=checkout / ".recycler", tracking_uri="", registry_uri="", artifact_store="")
+    scores = table({("v1", "ft"): 0.6})
+    svc = Services(settings, LocalStore(Path(settings.artifact_store)), Registry(settings.tracking_uri),
+                   FakeTrainer(scores), FakeScorer(scores))  # fmt: skip
+    spec = CycleSpec(family="pwd", variant="inst", train=tiny_releases["sample"],
+                     evaluation={"task": tiny_releases["sample"]}, max_relative_norm=5.0)  # fmt: skip
+    run_cycle("v1", str(releases), spec, services=svc)
+    texts = [text for text, _ in described(svc, "pwd").values()]
+    assert len(texts) == 3  # the base, the first fine-tune and its Δ
+    for text in texts:
+        assert "***" not in text and f"`{checkout}/.recycler/artifacts/" in text, text
+
+
 def test_a_url_keeps_everything_but_its_password():
     assert redact("postgresql://mlflow:hunter2@db:5432/x") == "postgresql://mlflow:***@db:5432/x"
     assert redact("https://example.com/a:b@c") == "https://example.com/a:b@c"  # no user info: unchanged
