@@ -234,12 +234,17 @@ def test_precheck_refuses_a_wrong_base_for_a_delta_recorded_by_manifest(models, 
     )
     with pytest.raises(IncompatibleCheckpoints, match="is not the base .* manifest fingerprint"):
         precheck(models["target"], [d], bases=[wrong])
-    plain = tmp_path / "plain"  # the right weights without the manifest: cannot be matched either
-    shutil.copytree(models["base"], plain)
-    with pytest.raises(IncompatibleCheckpoints, match="is not the base"):
-        precheck(models["target"], [d], bases=[plain])
+    with pytest.raises(IncompatibleCheckpoints, match="sha256 of its weight files differ"):
+        precheck(models["target"], [d], bases=[models["target"]])  # a plain folder: its weights decide
     result = precheck(models["target"], [d], bases=[base])
     assert result.candidates[0].relative_distance is not None
-    assert precheck(base, [d], bases=None, sample=None).candidates[0].notes == [
-        "the target is the Δ's own base"
-    ]
+    plain = precheck(models["target"], [d], bases=[models["base"]])  # the release folder itself
+    assert plain.candidates[0].notes == ["base matched to the Δ's manifest by the sha256 of its weight files"]
+    assert plain.candidates[0].relative_distance == result.candidates[0].relative_distance
+    for own in (base, models["base"]):
+        assert precheck(own, [d]).candidates[0].notes == ["the target is the Δ's own base"]
+    manifest = json.loads((d / "manifest.json").read_text())  # a Δ recording the digest only
+    del manifest["sources"]["base"]["weights"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IncompatibleCheckpoints, match="cannot be checked"):
+        precheck(models["target"], [d], bases=[models["base"]])

@@ -18,6 +18,7 @@ from recycler.delta.vocab import tokenizer_fingerprint
 from recycler.errors import IncompatibleCheckpoints
 from recycler.io.atomic import atomic_folder
 from recycler.io.checkpoint import Checkpoint, load_vocab, open_checkpoint
+from recycler.io.layout import SHARD_NAME
 from recycler.io.manifest import fingerprint, write_manifest
 from recycler.io.reader import WINDOW, compute_threads
 from recycler.io.residual import ResidualSpill, describe
@@ -152,4 +153,7 @@ def _source(ck: Checkpoint, ident: str | None, full: bool) -> dict:
         "dtypes": sorted({e.dtype for e in ck.tensors.values()}),
         "vocab_size": ck.vocab_size,
     }
+    if ck.manifest is not None:  # the weights' sha256, free from the manifest: a copy without it matches
+        files = ck.manifest.get("files") or {}
+        src["weights"] = {rel: f["sha256"] for rel, f in sorted(files.items()) if SHARD_NAME.match(rel)}
     return {"id": ident, **src} if ident else src

@@ -14,9 +14,12 @@ and proximity = 1/(1 + d). The weights were fixed before any validation: the pro
 directly and dominates; the parameter-space terms break near-ties and rank candidates when no sample
 is given. Signals that cannot be computed are left out of every candidate's score and named in `notes`.
 
-A given base is checked against the fingerprint in the Δ's manifest. Δs extracted without
-`hash_inputs` record only the structure (shapes, sizes), so another version of the same architecture
-passes that check: the note "matched by structure only" says so.
+A given base is checked against the fingerprint in the Δ's manifest, whatever its kind: the digest
+of the base's manifest (every Δ the cycle extracts; a plain copy of that base, such as the release
+folder, is matched by the sha256 of its weight files, which the Δ records too), a full sha256, or
+the structure. Δs extracted from plain folders without `hash_inputs` record only the structure
+(shapes, sizes), so another version of the same architecture passes that check: the note "matched
+by structure only" says so.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from recycler.delta.policy import ApplyPolicy
 from recycler.errors import IncompatibleCheckpoints, PrecheckError
 from recycler.io.checkpoint import Checkpoint, open_checkpoint
 from recycler.io.jsonl import read_jsonl_objects, require_nonempty
-from recycler.io.manifest import fingerprint
+from recycler.io.manifest import fingerprint, sha256_file
 from recycler.io.reader import ChunkReader, chunk_ranges
 from recycler.stages.apply import apply_diff, stored_delta
 from recycler.stages.evaluate.evaluators import LossEvaluator
@@ -76,7 +79,20 @@ def _base_for(target: Checkpoint, diff: Checkpoint, base: Path | None) -> tuple[
     """
     recorded = ((diff.manifest or {}).get("sources") or {}).get("base") or {}
     want = recorded.get("fingerprint") or {}
-    kind = want.get("kind")
+    kind, weights = want.get("kind"), recorded.get("weights")
+    if base is not None and kind == "manifest" and open_checkpoint(base).manifest is None:
+        # A plain folder (the release itself, not the cycle's staged copy): compare the weights.
+        if not weights:
+            raise IncompatibleCheckpoints(
+                f"{diff.path} records its base by manifest digest only and {base} has no manifest.json, "
+                "so it cannot be checked; pass the base folder the Δ was extracted from"
+            )
+        if _weight_digests(open_checkpoint(base)) != weights:
+            raise IncompatibleCheckpoints(
+                f"{base} is not the base {diff.path} was extracted from (the sha256 of its weight files "
+                f"differ from those the Δ records; id {recorded.get('id')!r})"
+            )
+        return Path(base), ["base matched to the Δ's manifest by the sha256 of its weight files"]
     if base is not None:
         if kind not in ("manifest", "sha256", "structure"):
             raise IncompatibleCheckpoints(
@@ -94,9 +110,17 @@ def _base_for(target: Checkpoint, diff: Checkpoint, base: Path | None) -> tuple[
         return Path(base), note
     if kind in ("sha256", "manifest"):
         got = fingerprint(target, full=kind == "sha256")
-        if got["kind"] == kind and got["sha256"] == want.get("sha256"):
+        same = got["kind"] == kind and got["sha256"] == want.get("sha256")
+        if same or (
+            kind == "manifest" and weights and target.manifest is None and _weight_digests(target) == weights
+        ):
             return target.path, ["the target is the Δ's own base"]
     return None, [f"source base unknown (pass --base for {diff.path.name}): no distance or cosine"]
+
+
+def _weight_digests(ck: Checkpoint) -> dict[str, str]:
+    """sha256 of each weight file, named as in a manifest (what a Δ records of a base with one)."""
+    return {p.name: sha256_file(p).sha256 for p in ck.shard_files}
 
 
 def parameter_signals(target: Checkpoint, base: Checkpoint, diff: Checkpoint) -> dict[str, float]:
