@@ -72,6 +72,20 @@ def key_is_secret(key: str) -> bool:
     return words[-1] in _SECRET_LAST or tuple(words[-2:]) in _SECRET_PAIRS
 
 
+# Names that match the rules above but hold no credential: the shell's working directories (`pwd` is
+# also short for password). Scrubbing their values blanked every path under the checkout.
+NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})
+
+
+def _is_path(value: str) -> bool:
+    """An existing absolute path is where a credential may be kept (GOOGLE_APPLICATION_CREDENTIALS),
+    never the credential itself; blanking it would blank every path beneath it."""
+    try:
+        return os.path.isabs(value) and os.path.exists(value)
+    except (OSError, ValueError):
+        return False
+
+
 def secret_values() -> list[str]:
     """Current values of credential variables: SECRET_ENV and any variable whose name is a secret's
     (read each time: tests and credential refreshes change them). Short values are left out, since
@@ -79,7 +93,14 @@ def secret_values() -> list[str]:
     values = {os.environ.get(k, "") for k in SECRET_ENV}
     # list(os.environ) is one snapshot of the names; .get, because another thread (MLflow's telemetry) may
     # delete a variable between the snapshot and the read: iterating .items() then raises KeyError
-    values |= {v for k in list(os.environ) if key_is_secret(k) and len(v := os.environ.get(k, "")) >= 8}
+    values |= {
+        v
+        for k in list(os.environ)
+        if key_is_secret(k)
+        and k not in NOT_SECRET_ENV
+        and len(v := os.environ.get(k, "")) >= 8
+        and not _is_path(v)
+    }
     return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
 
 

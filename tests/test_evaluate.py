@@ -282,3 +282,66 @@ def test_cli_evaluate_errors(base: Path, tmp_path: Path) -> None:
     assert isinstance(unparsable.exception, InvalidTask) and "bad.jsonl:1" in str(unparsable.exception)
     no_lm_eval = runner.invoke(cli_app(), ["evaluate", str(base), "--task", "mmlu"])
     assert isinstance(no_lm_eval.exception, MissingOptionalDependency)
+
+
+# ---- one set of evaluation option names (issue 19 item 7) ----------------------------------------------
+
+
+def test_spec_finetune_config_and_evaluate_cli_share_every_evaluation_option(tmp_path):
+    """The spec's `evaluation:`, the fine-tune config's `evaluation:` and `recycler evaluate`'s options
+    are one set of names, and every value of the spec reaches the fine-tune's periodic evaluation."""
+    import inspect
+
+    from recycler.cli.train import evaluate_command
+    from recycler.errors import InvalidConfig
+    from recycler.service.spec import EvalSettings, build_spec
+    from recycler.stages.evaluate.evaluators import MultipleChoiceTask, evaluator_for_file
+
+    spec_names = set(EvalSettings.model_fields) - {"task"}
+    ft_names = set(FinetuneConfig.model_fields["evaluation"].annotation.model_fields)
+    cli_names = set(inspect.signature(evaluate_command).parameters) - {
+        "model",
+        "task",
+        "output",
+        "dtype",
+        "track",
+    }
+    assert (
+        spec_names
+        == ft_names
+        == cli_names
+        == {"limit", "extract", "max_new_tokens", "batch_size", "normalize", "chat"}
+    )
+
+    from recycler.stages.evaluate.options import EvalOptions
+
+    signature = inspect.signature(evaluate_command).parameters
+    for name in cli_names:  # the same defaults too
+        assert signature[name].default == EvalOptions.model_fields[name].default, name
+    task = tmp_path / "mc.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in MC_TASK))
+    chosen = {
+        "limit": 1,
+        "extract": "text",
+        "max_new_tokens": 7,
+        "batch_size": 3,
+        "normalize": "chars",
+        "chat": False,
+    }
+    spec = build_spec({"family": "f", "train": str(task), "evaluation": {"task": str(task), **chosen}})
+    ft = spec.finetune_config()
+    assert ft.evaluation.model_dump() == chosen
+    evaluator = evaluator_for_file(task, None, max_length=64, options=ft.evaluation)
+    assert isinstance(evaluator, MultipleChoiceTask)
+    assert (evaluator.chat, evaluator.normalize, evaluator.batch_size, len(evaluator.examples)) == (
+        False,
+        "chars",
+        3,
+        1,
+    )
+
+    for old, new in (("eval_limit", "limit"), ("eval_extract", "extract"), ("eval_batch_size", "batch_size")):
+        with pytest.raises(InvalidConfig, match=f"{old} was renamed: use evaluation.{new}"):
+            FinetuneConfig.build({old: 1, "learning_rat": 1})
+    with pytest.raises(InvalidConfig, match="unknown field 'learning_rat'"):  # reported together
+        FinetuneConfig.build({"eval_limit": 1, "learning_rat": 1})

@@ -226,6 +226,26 @@ def test_existing_output_overwrite_and_changed_config_on_resume(work, tmp_path: 
         finetune(work["base"], work["train"], out, cfg)
 
 
+def test_resume_refuses_checkpoints_of_another_start_model(work, tmp_path: Path, monkeypatch) -> None:
+    """Issue 19 item 5: B --resume over A's checkpoints would train on from A's weights under B's name."""
+    out, cfg = tmp_path / "out", FinetuneConfig.from_yaml(work["yaml"])
+    other = build_tiny_model(tmp_path / "other", seed=6)  # same architecture, other weights
+
+    def crash(name: str) -> None:
+        if name == "finetune:step=3":
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr("recycler.stages.finetune.recipe.crash_point", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        finetune(work["base"], work["train"], out, cfg)
+    monkeypatch.undo()
+    with pytest.raises(ResumeError, match="different start model") as e:
+        finetune(other, work["train"], out, cfg, resume=True)
+    assert str(work["base"].resolve()) in str(e.value) and str(other.resolve()) in str(e.value)
+    record = finetune(work["base"], work["train"], out, cfg, resume=True)  # the right model resumes
+    assert record["resumed_from"] == [2]
+
+
 def test_non_finite_loss_stops_training(work, tmp_path: Path, monkeypatch) -> None:
     def nan_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return logits.sum() * float("nan")

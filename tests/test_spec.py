@@ -45,7 +45,12 @@ def test_relative_paths_and_defaults(tmp_path):
             "unknown field finetune.'learning_rat' (did you mean learning_rate",
         ),
         ("eval_task: e.jsonl\n", "unknown field 'eval_task'"),
-        ("finetune: {eval_extract: text}\n", "finetune.eval_extract → evaluation.extract"),
+        ("finetune: {eval_extract: text}\n", "finetune.eval_extract was renamed: use evaluation.extract"),
+        ("finetune: {evaluation: {chat: false}}\n", "go under the top-level `evaluation:`"),
+        (
+            "finetune: {keep_checkpoints_in_output: true}\n",
+            "finetune.keep_checkpoints_in_output: a cycle publishes",
+        ),
         ("mode: direct\n", "needs baseline: true"),
         ("precheck_min_score: 0.1\n", "precheck_min_score needs precheck_sample"),
     ],

@@ -170,6 +170,19 @@ def test_precheck_cli(fast_run, fast_family, tmp_path):
     assert Path(ranked[0]["diff"]) == delta["v3"]
 
 
+def test_toy_build_prints_a_spec_that_loads(fast_family, toy_cache):
+    """Issue 19 item 10: the printed settings load as a family spec (they carried `eval_*` keys)."""
+    from recycler.service.spec import build_spec
+
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["toy", "build", "--fast", "-o", str(toy_cache)])
+    assert result.exit_code == 0, result.output
+    spec = build_spec(json.loads(result.stdout)["spec"], "printed")
+    assert spec.finetune_config() == fast_family.finetune_config
+    assert spec.evaluation.options() == fast_family.finetune_config.evaluation
+
+
 # ---- small pure helpers ----------------------------------------------------------------------------------
 
 

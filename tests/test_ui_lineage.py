@@ -126,6 +126,20 @@ def test_a_delta_links_forward_to_the_cycles_and_backport_that_used_it(story):
     assert "**Used by**" not in versions[cycles["v3"].registered["diff"]][0]  # nothing used it (yet)
 
 
+def test_a_base_links_forward_to_everything_built_on_it(story):
+    """Issue 19 item 12: from a base's page a person reaches its Δ, fine-tunes, merged start and backport."""
+    svc, spec, cycles, back = story
+    versions = described(svc, spec.family)
+    used_by = lambda ref: versions[ref][0].split("**Used by**", 1)[1]  # noqa: E731
+    v1, v2 = cycles["v1"].registered, cycles["v2"].registered
+    for built in (v1["ft"], v1["diff"], back.registered):
+        assert f"[{built}]" in used_by(v1["base"])
+    for built in (v2["merged"], v2["ft"], v2["diff"], v2["baseline"]):
+        assert f"[{built}]" in used_by(v2["base"])
+    assert f"[{v2['ft']}]" not in used_by(v1["base"])  # only what was built on that release
+    assert "the Δ extracted on it" in used_by(v2["base"]) and "backport" in used_by(v1["base"])
+
+
 def test_the_models_list_shows_the_champion_first(story):
     """MLflow's models list shows one alias per model: it sorts the aliases by version, reverses, and
     shows the first (so among one version's aliases, the last in the server's order)."""
@@ -233,6 +247,52 @@ def test_values_shaped_like_credentials_are_scrubbed_anywhere(value):
     text = f"note {value} end"
     assert value not in redact(text) and redact(text).startswith("note ") and redact(text).endswith(" end")
     assert value not in scrub({"note": text})["note"]
+
+
+def test_the_working_directory_is_not_a_secret(monkeypatch, tmp_path):
+    """Issue 19 item 11: `make demo` from a checkout showed every artifact as `***/out/demo/…`: PWD
+    matched the secret noun `pwd`. Paths stay readable; a real credential variable is still scrubbed."""
+    from recycler.registry.describe import describe
+
+    checkout = tmp_path / "checkout"
+    (checkout / "out" / "demo").mkdir(parents=True)
+    monkeypatch.chdir(checkout)
+    monkeypatch.setenv("PWD", str(checkout))
+    monkeypatch.setenv("OLDPWD", str(tmp_path))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(checkout))  # a path to a key, not a key
+    monkeypatch.setenv("DB_PWD", "hunter2-hunter2")
+    artifact = f"{checkout}/out/demo/.recycler/artifacts/diff/abc"
+    text = describe(
+        "toy-inst-diff", {"kind": "diff", "artifact_uri": artifact, "note": "hunter2-hunter2"}, version="1"
+    )
+    assert f"`{artifact}`" in text and "***" not in text
+    assert scrub({"path": artifact, "x": "pw hunter2-hunter2"}) == {"path": artifact, "x": "pw ***"}
+
+
+def test_a_cycle_run_from_a_checkout_shows_its_artifact_paths(tiny_releases, tmp_path, monkeypatch):
+    """Issue 19 item 11 end to end: a cycle run from a known directory with the default local settings
+    (artifacts under ./.recycler, as `make demo` from a checkout) registers versions whose
+    descriptions show the artifact path, not `***/…`."""
+    from recycler.store.local import LocalStore
+
+    checkout = tmp_path / "checkout"
+    releases = checkout / "releases"
+    releases.mkdir(parents=True)
+    shutil.copytree(tiny_releases["v1"], releases / "v1", copy_function=os.link)
+    monkeypatch.chdir(checkout)
+    monkeypatch.setenv("PWD", str(checkout))
+    monkeypatch.setenv("RECYCLER_TRACK", "0")
+    settings = Settings(home=checkout / ".recycler", tracking_uri="", registry_uri="", artifact_store="")
+    scores = table({("v1", "ft"): 0.6})
+    svc = Services(settings, LocalStore(Path(settings.artifact_store)), Registry(settings.tracking_uri),
+                   FakeTrainer(scores), FakeScorer(scores))  # fmt: skip
+    spec = CycleSpec(family="pwd", variant="inst", train=tiny_releases["sample"],
+                     evaluation={"task": tiny_releases["sample"]}, max_relative_norm=5.0)  # fmt: skip
+    run_cycle("v1", str(releases), spec, services=svc)
+    texts = [text for text, _ in described(svc, "pwd").values()]
+    assert len(texts) == 3  # the base, the first fine-tune and its Δ
+    for text in texts:
+        assert "***" not in text and f"`{checkout}/.recycler/artifacts/" in text, text
 
 
 def test_a_url_keeps_everything_but_its_password():

@@ -94,6 +94,15 @@ TokOpt = Annotated[
 ]
 
 
+MaxNormOpt = Annotated[
+    float,
+    typer.Option(
+        help="Refuse if ‖Δ‖/‖base‖ over weight matrices exceeds this: the inputs are then not base and "
+        "fine-tune of one model (exit code 5)."
+    ),
+]
+
+
 def _policy_params(policy) -> dict[str, object]:
     return {k: ",".join(v) if isinstance(v, tuple) else v for k, v in policy.model_dump().items()}
 
@@ -112,12 +121,7 @@ def diff(
         ),
     ] = "auto",
     shard_size: ShardOpt = "5GB",
-    max_relative_norm: Annotated[
-        float,
-        typer.Option(
-            help="Refuse if ‖Δ‖/‖base‖ exceeds this: the inputs are then not base and fine-tune of one model."
-        ),
-    ] = 0.5,
+    max_relative_norm: MaxNormOpt = 0.5,
     hash_inputs: Annotated[
         bool,
         typer.Option(
@@ -163,7 +167,7 @@ def diff(
         f"({100 * res['exception_rate']:.3f}%), {res['roundtrip_fixes']:,} round-trip fixes"
     )
     unchecked = (
-        f" ({len(rt['unchecked_tensors'])} tensors of mixed/float64 dtypes unchecked)"
+        f" ({len(rt['unchecked_tensors'])} tensors of mixed, float64 or FP8 dtypes unchecked)"
         if not rt["exact"]
         else ""
     )
@@ -219,12 +223,14 @@ def recycle(
     vocab: VocabOpt = "auto",
     tokenizer_from: TokOpt = "auto",
     shard_size: ShardOpt = "5GB",
+    max_relative_norm: MaxNormOpt = 0.5,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     track: TrackOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Write TARGET + α·(TUNED − BASE) in one streaming pass, without storing Δ."""
+    """Write TARGET + α·(TUNED − BASE) in one streaming pass, without storing Δ (refused as `diff`
+    refuses: unrelated models, changed non-float tensors)."""
     _engine_threads(threads, target)
     from recycler.stages.apply import recycle as run
 
@@ -238,7 +244,9 @@ def recycle(
         shard_size,
         quiet,
         track,
-        lambda **kw: run(base, tuned, target, output, overwrite=overwrite, **kw),
+        lambda **kw: run(
+            base, tuned, target, output, overwrite=overwrite, max_relative_norm=max_relative_norm, **kw
+        ),
     )
 
 

@@ -67,7 +67,7 @@ def build_command(
         typer.Option("-o", "--output", help="Cache folder to build into (default: --cache's default)."),
     ] = None,
 ) -> None:
-    """Build (or find cached) the toy family: base versions v1…v5, train/dev/test data, FT settings."""
+    """Build (or find cached) the toy family: base versions v1…v5, train/dev/test data, and its cycle spec."""
     from recycler.toy.family import build_toy_family
     from recycler.toy.reproduce import default_cache
 
@@ -79,7 +79,9 @@ def build_command(
         "train": str(family.train),
         "dev": str(family.dev),
         "test": str(family.test),
-        "finetune_config": family.finetune_config.model_dump(mode="json"),
+        # a whole family spec, as `recycler cycle --spec` takes it (fine-tuning and evaluation settings
+        # each in their place: a spec refuses evaluation options under `finetune:`)
+        "spec": family.cycle_spec().model_dump(mode="json"),
     }
     typer.echo(json.dumps(summary, indent=1))
 

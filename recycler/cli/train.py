@@ -112,7 +112,8 @@ def finetune_command(
         Path | None,
         typer.Option(
             "--eval-data",
-            help="Held-out JSONL evaluated every eval_every steps: a task file (lines with 'answer') gives accuracy, SFT-format data gives eval loss.",
+            help="Held-out JSONL evaluated every eval_every steps: a task file (lines with 'answer') gives accuracy, SFT-format data gives eval loss. "
+            "Scored with the config's `evaluation:` options, named as `recycler evaluate`'s (limit, extract, max_new_tokens, batch_size, normalize, chat).",
         ),
     ] = None,
     resume: Annotated[

@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from recycler.delta.fp8 import FP8_DTYPES, narrow_fp8, widen_fp8
+
 if sys.byteorder != "little":  # the high half of a float32 word is its second uint16 on little-endian
     raise ImportError("recycler's bit kernels assume a little-endian machine")
 
@@ -61,6 +63,8 @@ def widen(src: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
         return out
     if dtype == "F32":
         return src
+    if dtype in FP8_DTYPES:  # exact: a table of the 256 codes
+        return widen_fp8(src, dtype, out)
     with np.errstate(over="ignore"):
         np.copyto(out, src, casting="unsafe")
     return out
@@ -81,6 +85,8 @@ def narrow(src: np.ndarray, dtype: str, out: np.ndarray, tmp: np.ndarray) -> Non
         np.add(tmp, 0x7FFF, out=tmp)
         np.add(tmp, u, out=tmp)
         np.right_shift(tmp, 16, out=out, casting="unsafe")  # the high half (2× faster than a strided copy)
+    elif dtype in FP8_DTYPES:
+        narrow_fp8(src, dtype, out)  # raises NarrowOverflow: the kernels' range check does not know FP8
     else:
         np.copyto(out, src, casting="unsafe")
 
@@ -98,6 +104,9 @@ def round_sparse(x: np.ndarray, dtype: str, *, saturate: bool = False) -> np.nda
         r[np.isnan(x)] = 0xFFFF  # as torch: a NaN's rounding could carry into the sign bit
     elif dtype == "F32":
         return x.copy()
+    elif dtype in FP8_DTYPES:
+        r = np.empty(len(x), np.uint8)
+        narrow_fp8(x, dtype, r)
     else:
         with np.errstate(over="ignore"):
             r = x.astype(CARRIERS[dtype])

@@ -18,7 +18,7 @@ from recycler.delta.policy import ApplyPolicy, CompatibilityReport
 from recycler.delta.vocab import RowMap, align_by_prefix, align_by_tokens, identity_map
 from recycler.errors import IncompatibleCheckpoints
 
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # FP8 widens exactly to float32
 
 
 class TensorSpec(Protocol):
@@ -174,6 +174,11 @@ def _account_unused(
             )
         elif policy.only_in_delta == "ignore":
             report.ignored_delta_only.append(name)
+        elif name in target.tensors:  # present, but an integer/bool tensor: no Δ can be added to it
+            report.errors.append(
+                f"Δ tensor {name} is {target.tensors[name].dtype} in the target, not a float tensor "
+                "(--only-in-delta ignore to skip it)"
+            )
         else:
             report.errors.append(
                 f"Δ tensor {name} has no counterpart in the target (--only-in-delta ignore to skip it)"

@@ -23,9 +23,11 @@ from recycler.delta.bits import carrier
 from recycler.delta.kernels import DenseBlocks, PairBlocks, Scratch, StoredBlocks, apply_chunk, diff_chunk
 from recycler.delta.residual import EMPTY, ChunkResidual
 
+# The head before the embedding: GPT-NeoX's output projection is `embed_out`, which the embedding's
+# pattern would claim (no tied-embedding treatment, its norm booked under the embedding).
 _FAMILIES = (
-    ("embed", re.compile(r"embed|wte|wpe|word_embeddings")),
     ("lm_head", re.compile(r"lm_head|embed_out|output\.weight$")),
+    ("embed", re.compile(r"embed|wte|wpe|word_embeddings")),
     ("attention", re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj")),
     ("mlp", re.compile(r"mlp|ffn|feed_forward|gate_proj|up_proj|down_proj|experts")),
     ("norm", re.compile(r"norm|ln_")),

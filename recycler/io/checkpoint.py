@@ -7,9 +7,11 @@ may shard differently. Nothing is loaded here; `stream.ChunkReader` maps byte ra
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recycler.delta.math import tensor_family
 from recycler.errors import InvalidCheckpoint
 from recycler.io.layout import (
     CONVERT_HINT,
@@ -55,14 +57,42 @@ class Checkpoint:
 
     @property
     def tied_embeddings(self) -> bool:
-        cfg = self.config or {}
-        return bool(
-            cfg.get("tie_word_embeddings", (cfg.get("text_config") or {}).get("tie_word_embeddings", False))
-        )
+        """Whether the output head shares the embedding's weights.
+
+        The config decides when it has the key (top level or `text_config`). Without it the answer is
+        the model class's default (GPT-2 and Gemma tie; older `save_pretrained` dropped a key equal to
+        it), which the tensors reveal without importing transformers: a vocabulary embedding with no
+        output head stored beside it is tied (the head is the embedding); a stored head is untied.
+        """
+        return resolve_tied(self.config, self.tensors, self.vocab_size)
 
     def side_files(self) -> list[Path]:
         """Tokenizer files and generation config present in the folder (copied into outputs)."""
         return [self.path / n for n in (*TOKENIZER_FILES, GENERATION_CONFIG) if (self.path / n).is_file()]
+
+
+def resolve_tied(config: dict | None, tensors: Mapping[str, TensorEntry], vocab_size: int | None) -> bool:
+    """`Checkpoint.tied_embeddings` for any config and tensor set (a Δ folder keeps its source's config)."""
+    cfg = config or {}
+    for c in (cfg, cfg.get("text_config") or {}):
+        if isinstance(c, dict) and c.get("tie_word_embeddings") is not None:
+            return bool(c["tie_word_embeddings"])
+    return tied_by_tensors(tensors, vocab_size)
+
+
+def tied_by_tensors(tensors: Mapping[str, TensorEntry], vocab_size: int | None) -> bool:
+    """A vocabulary-sized embedding matrix and no output head: the head is tied to it."""
+
+    def vocab_matrices(family: str) -> list[str]:
+        return [
+            n
+            for n, e in tensors.items()
+            if tensor_family(n) == family
+            and len(e.shape) == 2
+            and (not vocab_size or e.shape[0] == vocab_size)
+        ]
+
+    return bool(vocab_matrices("embed")) and not vocab_matrices("lm_head")
 
 
 def open_checkpoint(path: Path, *, require_config: bool = True) -> Checkpoint:

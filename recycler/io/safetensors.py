@@ -35,7 +35,7 @@ ITEMSIZE: dict[str, int] = {
     "F8_E4M3": 1,
     "F8_E5M2": 1,
 }
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # FP8 widens exactly to float32
 
 
 def itemsize(dtype: str) -> int:

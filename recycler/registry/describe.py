@@ -81,7 +81,8 @@ def describe(name: str, tags: dict[str, str], related: Related = Related(), vers
     if related.used_by:
         lines += ["", "**Used by**", ""]
         lines += [
-            f"- {version_link(ref)}: {_use(f'{name}/{version}', ref_tags)}"
+            f"- {version_link(ref)}: "
+            + (_use_of_base(ref_tags) if tags.get("kind") == "base" else _use(f"{name}/{version}", ref_tags))
             for ref, ref_tags in related.used_by
         ]
     facts = [f"{k[5:]} {v}" for k, v in sorted(tags.items()) if k.startswith("eval.")]
@@ -119,6 +120,22 @@ def _use(reference: str, tags: dict[str, str]) -> str:
     return f"fine-tuned from base + this Δ (release {release})"
 
 
+def _use_of_base(tags: dict[str, str]) -> str:
+    """How a version of the same release was built on its base."""
+    kind, role = tags.get("kind"), tags.get("role")
+    if kind == "diff":
+        return f"the Δ extracted on it, from {tags.get('source_ft', '?')}"
+    if kind == "merged" and tags.get("transfer"):
+        return f"{tags['transfer']}: it + Δ {tags.get('parent_diff', '?')}, no training"
+    if kind == "merged":
+        return f"the cycle's start: it + Δ {tags.get('parent_diff', '?')}"
+    if role == "ft-from-base":
+        return "the baseline fine-tuned from it"
+    if role == "recycled-ft":
+        return f"fine-tuned from it + Δ {tags.get('parent_diff', '?')}"
+    return "fine-tuned from it"
+
+
 def users_of(
     reference: str, candidates: Iterable[tuple[str, dict[str, str]]]
 ) -> tuple[tuple[str, dict[str, str]], ...]:
@@ -145,7 +162,21 @@ def related_of(
         except Exception:  # a run on another tracking server, or deleted: the tag still names it
             run = None
     used_by: tuple = ()
-    if reference:
+    if reference and tags.get("kind") == "base" and tags.get("family") and tags.get("base_version"):
+        built_on = registry.search(
+            f"tags.family = '{tags['family']}' and tags.base_version = '{tags['base_version']}'"
+        )
+        used_by = tuple(
+            sorted(
+                (
+                    (f"{mv.name}/{mv.version}", dict(mv.tags))
+                    for mv in built_on
+                    if mv.tags.get("kind") != "base"
+                ),
+                key=lambda kv: (kv[0].rsplit("/", 1)[0], int(kv[0].rsplit("/", 1)[1])),
+            )
+        )
+    elif reference:
         found_by = {}
         for tag in ("parent_diff", "cycle_parent_diff", "source_ft", "source_merged"):
             for mv in registry.search(f"tags.{tag} = '{reference}'"):
@@ -170,3 +201,7 @@ def refresh_lineage_of(registry: Registry, tags: dict[str, str]) -> None:
     for tag in ("parent_diff", "cycle_parent_diff", "source_ft", "source_merged"):
         if ref := tags.get(tag):
             refresh(registry, ref)
+    if tags.get("kind") != "base" and tags.get("family") and tags.get("base_version"):
+        base = registry.base_version(tags["family"], tags["base_version"])  # the base links to what it bears
+        if base is not None:
+            refresh(registry, base.reference)

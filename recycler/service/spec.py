@@ -14,37 +14,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
+from recycler.errors import InvalidConfig
 from recycler.io.config_file import read_yaml_mapping, validate_all
+from recycler.stages.evaluate.options import RENAMED, EvalOptions
 from recycler.stages.finetune.config import FinetuneConfig
 from recycler.store.releases import check_id
 
-# FinetuneConfig options that are evaluation settings: in a spec they belong under `evaluation:`.
-EVAL_IN_FINETUNE = {
-    "eval_limit": "limit",
-    "eval_extract": "extract",
-    "eval_max_new_tokens": "max_new_tokens",
-    "eval_batch_size": "batch_size",
-}
 
-
-class EvalSettings(BaseModel):
-    """How a model is scored on the family's task (the names of `recycler evaluate`'s options)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class EvalSettings(EvalOptions):
+    """How a model is scored on the family's task (the names of `recycler evaluate`'s options), in the
+    cycle's scores and in every fine-tune's periodic evaluation alike."""
 
     task: Path = Field(
         description="task JSONL: {prompt|messages, answer} lines (generation) or {…, choices, answer} (multiple choice)"
     )
-    limit: int | None = Field(None, ge=1, description="evaluate only the first N examples (None: all)")
-    extract: Literal["number", "text"] = Field(
-        "number", description="generation: compare the last number (GSM8K-style) or normalized text"
-    )
-    max_new_tokens: int = Field(256, ge=1, description="generation: longest answer generated")
-    batch_size: int = Field(8, ge=1, description="prompts per forward pass")
-    normalize: Literal["sum", "tokens", "chars"] = Field(
-        "sum", description="multiple choice: log-prob summed, per token or per character"
-    )
-    chat: bool = Field(True, description="wrap prompts in the model's chat template")
 
     def provenance(self) -> str:
         """What a score under these settings measured, as 16 hex digits: the task file's content (not
@@ -139,30 +122,49 @@ class CycleSpec(BaseModel):
             raise ValueError("mode 'direct' recycles FT(base) − base, so it needs baseline: true")
         if self.precheck_min_score is not None and self.precheck_sample is None:
             raise ValueError("precheck_min_score needs precheck_sample (the pre-check's held-out data)")
-        if misplaced := sorted(EVAL_IN_FINETUNE.keys() & self.finetune.model_fields_set):
-            names = ", ".join(f"finetune.{k} → evaluation.{EVAL_IN_FINETUNE[k]}" for k in misplaced)
-            raise ValueError(f"evaluation settings go under `evaluation:` ({names})")
+        if "evaluation" in self.finetune.model_fields_set:
+            raise ValueError(
+                "finetune.evaluation: a spec's evaluation settings go under the top-level `evaluation:` "
+                "(they score the fine-tune's curve and the cycle alike)"
+            )
+        if self.finetune.keep_checkpoints_in_output:
+            raise ValueError(
+                "finetune.keep_checkpoints_in_output: a cycle publishes the fine-tuned model only (its "
+                "checkpoints are removed once it finishes); set it to false"
+            )
         return self
 
     @field_serializer("finetune")
     def _finetune_without_evaluation(self, finetune: FinetuneConfig) -> dict:
         """A dumped spec loads back: its evaluation settings appear once, under `evaluation`."""
-        return finetune.model_dump(mode="json", exclude=set(EVAL_IN_FINETUNE))
+        return finetune.model_dump(mode="json", exclude={"evaluation"})
 
     def finetune_config(self) -> FinetuneConfig:
-        """The fine-tune's options, its periodic evaluation scored like the cycle's."""
-        e = self.evaluation
-        return self.finetune.updated(
-            eval_limit=e.limit,
-            eval_extract=e.extract,
-            eval_max_new_tokens=e.max_new_tokens,
-            eval_batch_size=e.batch_size,
-        )
+        """The fine-tune's options, its periodic evaluation scored exactly like the cycle's."""
+        return self.finetune.updated(evaluation=self.evaluation.options())
 
 
 def build_spec(values: dict[str, Any], source: str = "spec") -> CycleSpec:
-    """Validate `values` as a CycleSpec, reporting every problem at once (unknown fields first)."""
-    return validate_all(CycleSpec, values, source, root="<spec>")
+    """Validate `values` as a CycleSpec, reporting every problem at once (unknown fields first); the
+    fine-tune's former `eval_*` names are refused with their place under `evaluation:`."""
+    ft = values.get("finetune")
+    renamed = [
+        f"finetune.{old} was renamed: use evaluation.{new}"
+        for old, new in RENAMED.items()
+        if isinstance(ft, dict) and old in ft
+    ]
+    if not renamed:
+        return validate_all(CycleSpec, values, source, root="<spec>")
+    try:  # report them with every other problem
+        validate_all(
+            CycleSpec,
+            {**values, "finetune": {k: v for k, v in ft.items() if k not in RENAMED}},
+            source,
+            root="<spec>",
+        )
+    except InvalidConfig as e:
+        renamed.append(str(e).removeprefix(f"{source}: "))
+    raise InvalidConfig(f"{source}: " + "; ".join(renamed))
 
 
 def load_spec(path: Path) -> CycleSpec:
@@ -200,7 +202,7 @@ def _describe(
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             inner = {"task": example["task"]} if name == "evaluation" else {}
             body = _describe(
-                field.annotation, indent + "  ", inner, set(EVAL_IN_FINETUNE) if name == "finetune" else set()
+                field.annotation, indent + "  ", inner, {"evaluation"} if name == "finetune" else set()
             )
             header = (
                 f"{indent}{name}:" if inner else f"{indent}# {name}:"

@@ -19,7 +19,14 @@ from recycler.delta.compat import Side, compare_tensor_sets, plan_transfer
 from recycler.delta.policy import ApplyPolicy, CompatibilityReport
 from recycler.errors import IncompatibleCheckpoints, InvalidCheckpoint
 from recycler.io.atomic import atomic_folder
-from recycler.io.checkpoint import GENERATION_CONFIG, TOKENIZER_FILES, Checkpoint, load_vocab, open_checkpoint
+from recycler.io.checkpoint import (
+    GENERATION_CONFIG,
+    TOKENIZER_FILES,
+    Checkpoint,
+    load_vocab,
+    open_checkpoint,
+    resolve_tied,
+)
 from recycler.io.manifest import (
     FileEntry,
     fail_if,
@@ -28,11 +35,19 @@ from recycler.io.manifest import (
     manifest_digest,
     write_manifest,
 )
-from recycler.io.reader import WINDOW, ChunkReader, DeltaSource, PairDelta, StoredDelta, compute_threads
+from recycler.io.reader import WINDOW, ChunkReader, DeltaSource, StoredDelta, compute_threads
 from recycler.io.residual import RESIDUAL_DIR, ResidualReader
 from recycler.io.safetensors import TensorEntry
 from recycler.io.writer import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter
 from recycler.stages.engine import stream_apply
+from recycler.stages.extract import DEFAULT_MAX_RELATIVE_NORM
+from recycler.stages.pair_checks import (
+    MeasuredPair,
+    check_related,
+    pair_sums,
+    refuse_changed_non_float,
+    relative_norms,
+)
 
 Progress = Callable[[int], None]
 Opener = Callable[[ChunkReader], Callable[[str], DeltaSource]]
@@ -47,6 +62,7 @@ class DeltaInputs:
     provenance: dict  # content only: digests and fingerprints, never a path
     open: Opener  # per transfer: Δ tensor name → its chunked source
     must_match: list[FileEntry] = field(default_factory=list)  # re-hashed before the output is published
+    before_publish: Callable[[], None] | None = None  # a check that may still refuse the output
 
 
 @dataclass(frozen=True)
@@ -79,7 +95,7 @@ def stored_delta(diff_path: Path) -> DeltaInputs:
     residual_files = _residual_files(ck.path, m)
     entries = ck.tensors
     side = Side(
-        entries, m.get("vocab_size"), bool(m.get("tied_embeddings")), load_vocab(ck.path), str(ck.path)
+        entries, m.get("vocab_size"), _delta_tied(ck.path, m, entries), load_vocab(ck.path), str(ck.path)
     )
 
     def open_sources(chunks: ChunkReader) -> Callable[[str], DeltaSource]:
@@ -101,6 +117,19 @@ def stored_delta(diff_path: Path) -> DeltaInputs:
     )
 
 
+def _delta_tied(folder: Path, m: dict, entries: dict[str, TensorEntry]) -> bool:
+    """Whether the Δ's source ties embeddings, decided again from its config and tensors: Δs written
+    before the class default was read from the tensors recorded false for configs without the key."""
+    cfg = folder / "tuned_config.json"
+    if not cfg.is_file():
+        return bool(m.get("tied_embeddings"))
+    try:
+        config = json.loads(cfg.read_text())
+    except ValueError as e:
+        raise InvalidCheckpoint(f"{cfg}: unreadable ({e})") from e
+    return resolve_tied(config if isinstance(config, dict) else None, entries, m.get("vocab_size"))
+
+
 def _residual_files(folder: Path, m: dict) -> list[str]:
     """The residual files a Δ's manifest names (none for a Δ written before residuals existed)."""
     residual = m.get("residual")
@@ -120,12 +149,16 @@ def _residual_files(folder: Path, m: dict) -> list[str]:
     return files
 
 
-def pair_delta(base_path: Path, tuned_path: Path) -> DeltaInputs:
-    """Δ = tuned − base, never materialised."""
+def pair_delta(
+    base_path: Path, tuned_path: Path, max_relative_norm: float = DEFAULT_MAX_RELATIVE_NORM
+) -> DeltaInputs:
+    """Δ = tuned − base, never materialised; refused as `diff` would refuse it (changed non-float
+    tensors before anything is computed, unrelated models before the output is published)."""
     base, tuned = open_checkpoint(base_path), open_checkpoint(tuned_path)
     problems = compare_tensor_sets(base.tensors, tuned.tensors)
     if problems:
         raise IncompatibleCheckpoints(f"cannot diff {tuned.path} against {base.path}: " + "; ".join(problems))
+    refuse_changed_non_float(base, tuned)
     tensors = {n: e for n, e in base.tensors.items() if e.is_float}
     side = Side(
         tensors,
@@ -134,11 +167,18 @@ def pair_delta(base_path: Path, tuned_path: Path) -> DeltaInputs:
         load_vocab(tuned.path),
         f"{tuned.path} − {base.path}",
     )
+    tally: dict = {}  # (tensor, element) → (count, Σd32², Σbase²) of each block the stream computed
+
+    def related() -> None:
+        sums = pair_sums(base, tuned, tensors, tally)
+        check_related(relative_norms(sums, base.tensors, tensors), max_relative_norm, base.path, tuned.path)
+
     return DeltaInputs(
         side=side,
         side_folder=tuned.path,
         provenance={"kind": "pair", "base": fingerprint(base), "tuned": fingerprint(tuned)},
-        open=lambda chunks: lambda name: PairDelta(chunks, base.tensors[name], tuned.tensors[name]),
+        open=lambda chunks: lambda name: MeasuredPair(chunks, base.tensors[name], tuned.tensors[name], tally),
+        before_publish=related,
     )
 
 
@@ -147,11 +187,22 @@ def apply_diff(target_path: Path, diff_path: Path, out: Path, **kw) -> TransferR
     return transfer(target_path, stored_delta(diff_path), out, inputs=[Path(diff_path)], **kw)
 
 
-def recycle(base_path: Path, tuned_path: Path, target_path: Path, out: Path, **kw) -> TransferResult:
-    """m_t + α·(m′_s − m_s) in one streaming pass, without writing Δ."""
-    return transfer(
-        target_path, pair_delta(base_path, tuned_path), out, inputs=[Path(base_path), Path(tuned_path)], **kw
-    )
+def recycle(
+    base_path: Path,
+    tuned_path: Path,
+    target_path: Path,
+    out: Path,
+    *,
+    max_relative_norm: float = DEFAULT_MAX_RELATIVE_NORM,
+    **kw,
+) -> TransferResult:
+    """m_t + α·(m′_s − m_s) in one streaming pass, without writing Δ.
+
+    Refuses what `diff` refuses, with the same errors: UnrelatedModels when ‖Δ‖/‖base‖ over weight
+    matrices exceeds `max_relative_norm` (nothing is published), IncompatibleCheckpoints when a
+    non-float tensor differs between base and fine-tune."""
+    pair = pair_delta(base_path, tuned_path, max_relative_norm)
+    return transfer(target_path, pair, out, inputs=[Path(base_path), Path(tuned_path)], **kw)
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -190,6 +241,8 @@ def transfer(
             except BaseException:
                 writer.abort()
                 raise
+        if delta.before_publish is not None:
+            delta.before_publish()
         if checked is not None:
             fail_if(
                 checked.result(),

@@ -20,6 +20,7 @@ import numpy as np
 from recycler.delta.bits import carrier
 from recycler.delta.compat import Job
 from recycler.delta.fast import choose
+from recycler.delta.fp8 import NarrowOverflow
 from recycler.delta.kernels import NonFiniteChunk
 from recycler.errors import NonFiniteValues
 from recycler.io.checkpoint import Checkpoint
@@ -158,6 +159,10 @@ def stream_apply(
             )
         except NonFiniteChunk as err:
             raise _nonfinite(err, e, job.delta_name) from None
+        except NarrowOverflow as err:  # FP8 targets: the kernels' range check covers BF16/F16 only
+            raise NonFiniteValues(
+                f"{e.file}: tensor {e.name!r}: target + α·Δ overflows {e.dtype} (|value| {err.value:.4g})"
+            ) from None
         return i, buf, nbytes
 
     try:

@@ -7,25 +7,24 @@ model its chat template), both source configs, and manifest.json written last.
 
 from __future__ import annotations
 
-import math
 import shutil
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from recycler.delta.compat import compare_tensor_sets
 from recycler.delta.kernels import roundtrip_checked
-from recycler.delta.math import tensor_family
 from recycler.delta.vocab import tokenizer_fingerprint
-from recycler.errors import IncompatibleCheckpoints, UnrelatedModels
+from recycler.errors import IncompatibleCheckpoints
 from recycler.io.atomic import atomic_folder
 from recycler.io.checkpoint import Checkpoint, load_vocab, open_checkpoint
+from recycler.io.layout import SHARD_NAME
 from recycler.io.manifest import fingerprint, write_manifest
 from recycler.io.reader import WINDOW, compute_threads
 from recycler.io.residual import ResidualSpill, describe
 from recycler.io.writer import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter
-from recycler.stages.engine import DiffTotals, stream_diff
+from recycler.stages.engine import stream_diff
+from recycler.stages.pair_checks import check_related, refuse_changed_non_float, relative_norms
 
 # Storage dtype of Δ. "auto": the inputs' dtype when both are bf16 or fp16 (half the bytes of float32),
 # float32 otherwise. Every choice is exact: what the stored dtype cannot hold goes into the residual.
@@ -75,8 +74,8 @@ def diff_checkpoints(
     problems = compare_tensor_sets(base.tensors, tuned.tensors)
     if problems:
         raise IncompatibleCheckpoints(f"cannot diff {tuned.path} against {base.path}: " + "; ".join(problems))
+    skipped = refuse_changed_non_float(base, tuned)  # equal in both: nothing is dropped
     names = [n for n, e in base.tensors.items() if e.is_float]
-    skipped = [n for n, e in base.tensors.items() if not e.is_float]
     plan = [
         PlannedTensor(
             n, store_dtype(dtype, base.tensors[n].dtype, tuned.tensors[n].dtype), base.tensors[n].shape
@@ -94,14 +93,8 @@ def diff_checkpoints(
             except BaseException:
                 writer.abort()
                 raise
-        norms = _relative_norms(totals, base, names)
-        # Judge relatedness on weight matrices: norm/bias vectors (≈1 and ≈0) would dilute or inflate it.
-        total = norms.get("matrices", norms.get("total", 0.0))
-        if total > max_relative_norm:
-            raise UnrelatedModels(
-                f"‖Δ‖/‖base‖ = {total:.3f} exceeds {max_relative_norm} ({tuned.path} does not look like a fine-tune "
-                f"of {base.path}); pass --max-relative-norm to override"
-            )
+        norms = relative_norms({n: tuple(v) for n, v in totals.sumsq.items()}, base.tensors, names)
+        check_related(norms, max_relative_norm, base.path, tuned.path)
         _copy_side_files(base, tuned, tmp)
         residual = describe(spill, sum(base.tensors[n].numel for n in names))
         residual["files"] = sorted(k for k in digests if k.startswith("residual/"))
@@ -144,22 +137,6 @@ def _roundtrip(base: Checkpoint, tuned: Checkpoint, names: list[str], residual: 
     }
 
 
-def _relative_norms(totals: DiffTotals, base: Checkpoint, names: list[str]) -> dict[str, float]:
-    """‖Δ‖/‖base‖ per tensor family, over all tensors and over matrices; summed in plan order (not in
-    the order chunks arrived, which depends on the number of lanes), so the bytes never change."""
-    sq: dict[str, dict[str, float]] = {"delta": defaultdict(float), "base": defaultdict(float)}
-    for name in names:
-        sd, sb = totals.sumsq.get(name, (0.0, 0.0))
-        keys = (tensor_family(name), "total") + (("matrices",) if len(base.tensors[name].shape) >= 2 else ())
-        for key in keys:
-            sq["delta"][key] += sd
-            sq["base"][key] += sb
-    return {
-        fam: math.sqrt(sq["delta"][fam]) / max(math.sqrt(sq["base"][fam]), 1e-30)
-        for fam in sorted(sq["delta"])
-    }
-
-
 def _copy_side_files(base: Checkpoint, tuned: Checkpoint, tmp: Path) -> None:
     for f in tuned.side_files():
         shutil.copy2(f, tmp / f.name)
@@ -176,4 +153,7 @@ def _source(ck: Checkpoint, ident: str | None, full: bool) -> dict:
         "dtypes": sorted({e.dtype for e in ck.tensors.values()}),
         "vocab_size": ck.vocab_size,
     }
+    if ck.manifest is not None:  # the weights' sha256, free from the manifest: a copy without it matches
+        files = ck.manifest.get("files") or {}
+        src["weights"] = {rel: f["sha256"] for rel, f in sorted(files.items()) if SHARD_NAME.match(rel)}
     return {"id": ident, **src} if ident else src

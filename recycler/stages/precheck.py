@@ -14,9 +14,12 @@ and proximity = 1/(1 + d). The weights were fixed before any validation: the pro
 directly and dominates; the parameter-space terms break near-ties and rank candidates when no sample
 is given. Signals that cannot be computed are left out of every candidate's score and named in `notes`.
 
-A given base is checked against the fingerprint in the Δ's manifest. Δs extracted without
-`hash_inputs` record only the structure (shapes, sizes), so another version of the same architecture
-passes that check: the note "matched by structure only" says so.
+A given base is checked against the fingerprint in the Δ's manifest, whatever its kind: the digest
+of the base's manifest (every Δ the cycle extracts; a plain copy of that base, such as the release
+folder, is matched by the sha256 of its weight files, which the Δ records too), a full sha256, or
+the structure. Δs extracted from plain folders without `hash_inputs` record only the structure
+(shapes, sizes), so another version of the same architecture passes that check: the note "matched
+by structure only" says so.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from recycler.delta.policy import ApplyPolicy
 from recycler.errors import IncompatibleCheckpoints, PrecheckError
 from recycler.io.checkpoint import Checkpoint, open_checkpoint
 from recycler.io.jsonl import read_jsonl_objects, require_nonempty
-from recycler.io.manifest import fingerprint
+from recycler.io.manifest import fingerprint, sha256_file
 from recycler.io.reader import ChunkReader, chunk_ranges
 from recycler.stages.apply import apply_diff, stored_delta
 from recycler.stages.evaluate.evaluators import LossEvaluator
@@ -69,23 +72,55 @@ class PrecheckResult(BaseModel):
 
 
 def _base_for(target: Checkpoint, diff: Checkpoint, base: Path | None) -> tuple[Path | None, list[str]]:
-    """The Δ's source base: the given folder (checked against the Δ's manifest) or the target itself."""
+    """The Δ's source base: the given folder (checked against the Δ's manifest) or the target itself.
+
+    Every fingerprint kind is checked (manifest digest, full sha256, structure): a base that cannot be
+    matched is refused, since distance and cosine against the wrong base are numbers with no meaning.
+    """
     recorded = ((diff.manifest or {}).get("sources") or {}).get("base") or {}
     want = recorded.get("fingerprint") or {}
-    if base is not None:
-        got = fingerprint(open_checkpoint(base), full=want.get("kind") == "sha256")
-        if want.get("kind") in ("sha256", "structure") and got["sha256"] != want.get("sha256"):
+    kind, weights = want.get("kind"), recorded.get("weights")
+    if base is not None and kind == "manifest" and open_checkpoint(base).manifest is None:
+        # A plain folder (the release itself, not the cycle's staged copy): compare the weights.
+        if not weights:
             raise IncompatibleCheckpoints(
-                f"{base} is not the base {diff.path} was extracted from (fingerprints differ); "
-                f"pass the folder recorded in its manifest (id {recorded.get('id')!r})"
+                f"{diff.path} records its base by manifest digest only and {base} has no manifest.json, "
+                "so it cannot be checked; pass the base folder the Δ was extracted from"
             )
-        note = (
-            ["base matched to the Δ's manifest by structure only"] if want.get("kind") == "structure" else []
-        )
+        if _weight_digests(open_checkpoint(base)) != weights:
+            raise IncompatibleCheckpoints(
+                f"{base} is not the base {diff.path} was extracted from (the sha256 of its weight files "
+                f"differ from those the Δ records; id {recorded.get('id')!r})"
+            )
+        return Path(base), ["base matched to the Δ's manifest by the sha256 of its weight files"]
+    if base is not None:
+        if kind not in ("manifest", "sha256", "structure"):
+            raise IncompatibleCheckpoints(
+                f"{diff.path}: its manifest records no fingerprint of its base, so {base} cannot be checked; "
+                "omit --base (rank by the probe alone)"
+            )
+        got = fingerprint(open_checkpoint(base), full=kind == "sha256")
+        if got["kind"] != kind or got["sha256"] != want.get("sha256"):
+            raise IncompatibleCheckpoints(
+                f"{base} is not the base {diff.path} was extracted from (its {got['kind']} fingerprint does "
+                f"not match the Δ's recorded {kind} fingerprint); pass the folder recorded in its manifest "
+                f"(id {recorded.get('id')!r})"
+            )
+        note = ["base matched to the Δ's manifest by structure only"] if kind == "structure" else []
         return Path(base), note
-    if want.get("kind") == "sha256" and fingerprint(target, full=True)["sha256"] == want.get("sha256"):
-        return target.path, ["the target is the Δ's own base"]
+    if kind in ("sha256", "manifest"):
+        got = fingerprint(target, full=kind == "sha256")
+        same = got["kind"] == kind and got["sha256"] == want.get("sha256")
+        if same or (
+            kind == "manifest" and weights and target.manifest is None and _weight_digests(target) == weights
+        ):
+            return target.path, ["the target is the Δ's own base"]
     return None, [f"source base unknown (pass --base for {diff.path.name}): no distance or cosine"]
+
+
+def _weight_digests(ck: Checkpoint) -> dict[str, str]:
+    """sha256 of each weight file, named as in a manifest (what a Δ records of a base with one)."""
+    return {p.name: sha256_file(p).sha256 for p in ck.shard_files}
 
 
 def parameter_signals(target: Checkpoint, base: Checkpoint, diff: Checkpoint) -> dict[str, float]:

@@ -45,12 +45,7 @@ class SeedExperiments:
             finetune or {}
         )  # overrides of the family's fine-tuning options, as in the cycle's spec
         self.tick = tick or (lambda *_: None)
-        self.task = load_task(
-            family.test,
-            batch_size=ft.eval_batch_size,
-            max_new_tokens=ft.eval_max_new_tokens,
-            extract=ft.eval_extract,
-        )
+        self.task = load_task(family.test, **ft.evaluation.model_dump())
         n = len(versions)
         self.total = 2 + (n - 1) ** 2 + n  # two chains, the non-adjacent transfer pairs, pre-checks
         self.done = 0

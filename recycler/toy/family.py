@@ -14,7 +14,8 @@ from pathlib import Path
 
 from recycler.errors import OutputExists, ToyFamilyError
 from recycler.io.atomic import atomic_folder
-from recycler.service.spec import EVAL_IN_FINETUNE, CycleSpec, build_spec
+from recycler.service.spec import CycleSpec, build_spec
+from recycler.stages.evaluate.options import EvalOptions
 from recycler.stages.finetune.config import FinetuneConfig
 from recycler.toy.pretrain import pretrain
 from recycler.toy.world import (
@@ -59,9 +60,8 @@ class ToyFamily:
         budget, its evaluation settings (under `evaluation:`, where a spec keeps them); `finetune`,
         `evaluation` and the other fields override."""
         ft = self.finetune_config
-        options = {k: v for k, v in ft.model_dump(mode="json").items() if k not in EVAL_IN_FINETUNE}
-        scoring = {"task": str(self.test), "limit": ft.eval_limit, "extract": ft.eval_extract}
-        scoring |= {"max_new_tokens": ft.eval_max_new_tokens, "batch_size": ft.eval_batch_size}
+        options = ft.model_dump(mode="json", exclude={"evaluation"})
+        scoring = {"task": str(self.test), **ft.evaluation.model_dump(mode="json")}
         values = {
             "family": "toy",
             "variant": "arith",
@@ -96,9 +96,11 @@ def toy_finetune_config(config: WorldConfig) -> FinetuneConfig:
         seed=config.seed,
         eval_every=None,
         save_every=None,
-        eval_max_new_tokens=5,  # 3 answer digits + <|end|>; a base that never stops is cut short
-        eval_batch_size=256,
-        eval_extract="text",  # answers are digit strings: "0570" is not "570" (LSD-first 750 vs 075)
+        evaluation=EvalOptions(
+            max_new_tokens=5,  # 3 answer digits + <|end|>; a base that never stops is cut short
+            batch_size=256,
+            extract="text",  # answers are digit strings: "0570" is not "570" (LSD-first 750 vs 075)
+        ),
     )
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from recycler.errors import InvalidTask
 from recycler.io.jsonl import read_jsonl_objects, require_nonempty
 from recycler.stages.evaluate.answers import Extract, extract_answer
+from recycler.stages.evaluate.options import EvalOptions
 from recycler.stages.evaluate.scoring import (
     continuation_logprobs,
     eval_mode,
@@ -283,21 +284,16 @@ class LossEvaluator:
 
 
 def evaluator_for_file(
-    path: Path,
-    tokenizer: object,
-    *,
-    max_length: int,
-    limit: int | None = None,
-    extract: Extract = "number",
-    batch_size: int = 8,
-    max_new_tokens: int = 256,
+    path: Path, tokenizer: object, *, max_length: int, options: EvalOptions = EvalOptions()
 ) -> Evaluator:
-    """Held-out data for fine-tuning: a task file (lines with 'answer') scores accuracy, SFT data eval loss."""
+    """Held-out data for fine-tuning: a task file (lines with 'answer') scores accuracy, SFT data eval loss.
+
+    A task is scored with every option of `options` (chat template, normalization included), so the
+    fine-tune's curve is measured as the cycle measures its scores.
+    """
     first = next(read_jsonl_objects(path), (0, {}))[1]
     if "answer" in first:
-        return load_task(
-            path, limit=limit, extract=extract, batch_size=batch_size, max_new_tokens=max_new_tokens
-        )
-    records = load_sft_records(path)[:limit]
+        return load_task(path, **options.model_dump())
+    records = load_sft_records(path)[: options.limit]
     encoded = encode_records(tokenizer, records, max_length)  # type: ignore[arg-type]
-    return LossEvaluator(Path(path).stem, encoded, batch_size=batch_size)
+    return LossEvaluator(Path(path).stem, encoded, batch_size=options.batch_size)

@@ -19,11 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recycler.errors import InvalidConfig
 from recycler.io.config_file import read_yaml_mapping, validate_all
+from recycler.stages.evaluate.options import RENAMED, EvalOptions, renamed_problems
 
 # Fields that may change between a run and its resumption without changing what is being computed.
 RESUME_NEUTRAL = frozenset(
-    {"eval_every", "save_every", "keep_last_checkpoints", "keep_checkpoints_in_output"}
-    | {"eval_max_new_tokens", "eval_batch_size", "eval_limit", "eval_extract"}
+    {"eval_every", "save_every", "keep_last_checkpoints", "keep_checkpoints_in_output", "evaluation"}
 )
 
 
@@ -57,17 +57,23 @@ class FinetuneConfig(BaseModel):
     save_every: int | None = Field(200, ge=1, description="steps between resumable checkpoints (None: none)")
     keep_last_checkpoints: int | None = Field(2, ge=1, description="None keeps every checkpoint")
     keep_checkpoints_in_output: bool = Field(False, description="publish .checkpoints with the model")
-    eval_max_new_tokens: int = Field(256, ge=1, description="evaluation: longest generated answer")
-    eval_batch_size: int = Field(8, ge=1, description="evaluation: prompts per forward pass")
-    eval_limit: int | None = Field(None, ge=1, description="evaluation: only the first N examples")
-    eval_extract: Literal["number", "text"] = Field(
-        "number", description="evaluation: compare numbers or normalized text"
+    evaluation: EvalOptions = Field(
+        EvalOptions(),
+        description="periodic evaluation on --eval-data, with `recycler evaluate`'s option names",
     )
 
     @classmethod
     def build(cls, values: dict, *, source: str = "config") -> FinetuneConfig:
-        """Validate and report every problem at once, each as `field: what is wrong`."""
-        return validate_all(cls, values, source)
+        """Validate and report every problem at once, each as `field: what is wrong`; the former
+        `eval_*` names are refused with their new name under `evaluation:`."""
+        renamed = renamed_problems(values)
+        if not renamed:
+            return validate_all(cls, values, source)
+        try:  # report the renamed options together with every other problem
+            validate_all(cls, {k: v for k, v in values.items() if k not in RENAMED}, source)
+        except InvalidConfig as e:
+            renamed.append(str(e).removeprefix(f"{source}: "))
+        raise InvalidConfig(f"{source}: " + "; ".join(renamed))
 
     @classmethod
     def from_yaml(cls, path: Path) -> FinetuneConfig:

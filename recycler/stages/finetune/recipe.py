@@ -44,6 +44,7 @@ from recycler.stages.finetune.run import (
     param_groups,
     process_state,
     resolve_precision,
+    start_model_identity,
 )
 from recycler.stages.model_folder import check_model_folder, dropout_settings, load_causal_lm, load_tokenizer
 
@@ -92,6 +93,10 @@ class FinetuneRecipe:
         self.fingerprint = {
             "config": cfg.resume_fingerprint(),
             "data_sha256": sha256_file(self.train_path).sha256,
+            # hashed only where checkpoints are written or read: a resume must continue this model
+            "model": start_model_identity(self.model_dir)
+            if self.resume_requested or cfg.save_every
+            else None,
         }
         model = self._load_model()
         checkpoint = self._choose_checkpoint() if self.resume_requested else None
@@ -124,10 +129,7 @@ class FinetuneRecipe:
                 Path(self.eval_path),
                 self.tokenizer,
                 max_length=cfg.max_length,
-                limit=cfg.eval_limit,
-                extract=cfg.eval_extract,
-                batch_size=cfg.eval_batch_size,
-                max_new_tokens=cfg.eval_max_new_tokens,
+                options=cfg.evaluation,
             )
 
     def _load_model(self) -> torch.nn.Module:
@@ -160,7 +162,7 @@ class FinetuneRecipe:
         if problem:
             raise ResumeError(
                 f"checkpoint {folder} was made with {problem}; "
-                "resume with the original config and data, or pass --overwrite to start over"
+                "resume with the original model, config and data, or pass --overwrite to start over"
             )
         return folder
 

@@ -4,10 +4,13 @@ the optimizer decays, what a checkpoint must carry, and when a checkpoint may be
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
+from recycler.io.checkpoint import open_checkpoint
+from recycler.io.manifest import fingerprint
 from recycler.stages.evaluate.evaluators import EvalResult
 from recycler.stages.finetune.data import IGNORE_INDEX, EncodedExample
 
@@ -67,6 +70,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def start_model_identity(model_dir: Path) -> dict:
+    """What the run starts from, by content: its manifest's digest (recycler folders) or the sha256 of
+    every weight file. A path alone would let a resume continue another model's weights."""
+    fp = fingerprint(open_checkpoint(model_dir), full=True)
+    return {"path": str(model_dir), "kind": fp["kind"], "sha256": fp["sha256"]}
+
+
 def fingerprint_mismatch(saved: dict, current: dict) -> str | None:
     """Name what differs between a checkpoint's run and this one, or None if resuming is sound."""
     old, new = saved["config"], current["config"]
@@ -74,6 +84,13 @@ def fingerprint_mismatch(saved: dict, current: dict) -> str | None:
     parts = [f"different settings ({', '.join(fields)})"] if fields else []
     if saved["data_sha256"] != current["data_sha256"]:
         parts.append("different training data")
+    was, now = saved.get("model"), current.get("model")
+    if now is not None and (was is None or (was["kind"], was["sha256"]) != (now["kind"], now["sha256"])):
+        made_from = f"{was['path']} (sha256 {was['sha256'][:12]})" if was else "an unrecorded start model"
+        parts.append(
+            f"a different start model: the checkpoint continues {made_from}, "
+            f"this run starts from {now['path']} (sha256 {now['sha256'][:12]})"
+        )
     return " and ".join(parts) or None
 
 
