@@ -541,3 +541,28 @@ def test_an_s3_source_at_the_bucket_root_lists_complete_releases_only(moto_s3, t
     assert [r.version for r in listed] == ["v1", "v2"]
     local = src.materialize(listed[0], tmp_path / "download" / listed[0].fingerprint[:16])
     assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in full.iterdir())
+
+
+def test_a_rerun_that_no_longer_promotes_takes_its_earlier_half_move_back(world, tiny_releases, tmp_path):
+    """Attempt 1 promoted v2 and died between `champion` and `next-diff`; the task file is edited and
+    the re-run, measuring anew, refuses: the champion goes back, so both aliases stay from one cycle."""
+    releases, settings, publish, spec = world
+    publish("v1", "v2")
+    task = tmp_path / "task.jsonl"
+    shutil.copy(tiny_releases["sample"], task)
+    s = spec(evaluation={"task": task})
+    svc = services(settings, SCORES)
+    run_cycle("v1", str(releases), s, services=svc)
+    before = aliases(svc, "ft:fam:inst")
+    crashpoints.set_hook(crash_at("cycle:aliases-half-moved"))
+    with pytest.raises(SimulatedCrash):
+        run_cycle("v2", str(releases), s, services=svc)
+    crashpoints.set_hook(None)
+    assert aliases(svc, "ft:fam:inst")["champion"] != before["champion"]  # half moved
+    task.write_text(task.read_text() + json.dumps({"prompt": "1+1?", "response": "2"}) + "\n")
+    edited = spec(evaluation={"task": task})
+    svc.scorer.scores = lambda v, r: {("v2", "champion"): 0.9}.get((v, r), SCORES.get((v, r), 0.0))
+    out = run_cycle("v2", str(releases), edited, services=svc)
+    assert not out.promoted
+    assert aliases(svc, "ft:fam:inst") == before  # champion back on v1's fine-tune, no approved-v2
+    assert aliases(svc, "diff:fam:inst")["next-diff"] == diff_of(svc, "v1").rsplit("/", 1)[1]

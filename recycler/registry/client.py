@@ -297,6 +297,16 @@ class Registry:
         self.call(self.client.set_registered_model_alias, name, alias, str(version))
         return self.get(name, alias)
 
+    def delete_alias(self, kind: str, family: str, variant: str | None, alias: str) -> None:
+        """Remove `alias` from the model (nothing if it is not set)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.call(self.client.delete_registered_model_alias, model_name(kind, family, variant), alias)
+        except MlflowException as e:
+            if _code(e) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+
     def set_tags(self, version: RegisteredVersion, tags: dict[str, str]) -> RegisteredVersion:
         """Add status tags (gate outcome, cycle completion) to a version; identity and lineage tags are
         refused, so a version's lineage never changes."""

@@ -92,33 +92,46 @@ def promote(
 
     Alias moves are made only by the holder of the family's turn, so the compare and the set cannot
     interleave with another cycle's; an alias that moved anyway (by hand) stops the cycle with
-    ChainConflict and nothing moved. A re-run finds its own half-finished move (champion on its
-    candidate, next-diff not yet on its Δ) and finishes it: `champion` and `next-diff` always end up
-    from the same cycle.
+    ChainConflict and nothing moved. A re-run finds its own earlier attempt's move (whole, or half:
+    champion on one of its fine-tunes, next-diff not yet on its Δ) and finishes it, or takes it back
+    when it now decides not to promote (an edited task file re-scored everything): `champion` and
+    `next-diff` always end up from the same cycle.
     """
     reg, fam, var = svc.registry, spec.family, spec.variant
     candidate = registered["baseline"] if decision.candidate == "ft-from-base" else registered["ft"]
     diff = registered["diff"]
     assert candidate is not None and diff is not None
+    mine = {v.version for v in (registered["ft"], registered["baseline"]) if v is not None}
+    now_champ, now_next = reg.get_alias("ft", fam, var, CHAMPION), reg.get_alias("diff", fam, var, NEXT_DIFF)
+    moved_by_us = _ver(now_champ) in mine and _ver(now_next) in (_ver(prev), diff.version)
+    if (_ver(now_champ), _ver(now_next)) != (_ver(champion), _ver(prev)) and not moved_by_us:
+        raise ChainConflict(
+            f"{fam}-{var}: the aliases moved since this cycle decided (champion {_ref(now_champ)}, "
+            f"next-diff {_ref(now_next)}; expected {_ref(champion)}, {_ref(prev)}); nothing was promoted. "
+            f"Re-run the cycle of {release.version} to re-decide against the current champion"
+        )
     if decision.promote:
-        now_champ = reg.get_alias("ft", fam, var, CHAMPION)
-        now_next = reg.get_alias("diff", fam, var, NEXT_DIFF)
-        expect = (_ver(champion), _ver(prev))
-        ours = (candidate.version, diff.version)
-        seen = (_ver(now_champ), _ver(now_next))
-        if seen != expect and seen != ours and seen != (ours[0], expect[1]):
-            raise ChainConflict(
-                f"{fam}-{var}: the aliases moved since this cycle decided (champion {_ref(now_champ)}, "
-                f"next-diff {_ref(now_next)}; expected {_ref(champion)}, {_ref(prev)}); nothing was promoted. "
-                f"Re-run the cycle of {release.version} to re-decide against the current champion"
-            )
         reg.set_alias("ft", fam, var, champion_alias(release.version), candidate.version)
         reg.set_alias("ft", fam, var, CHAMPION, candidate.version)  # last: newest in the server's order
         crash_point("cycle:aliases-half-moved")
         reg.set_alias("diff", fam, var, NEXT_DIFF, diff.version)
         log.info("champion → %s, next-diff → %s", candidate.reference, diff.reference)
+    elif moved_by_us:  # an earlier attempt promoted; this one does not: take the move back
+        reg.delete_alias("ft", fam, var, champion_alias(release.version))
+        _restore(reg, "diff", fam, var, NEXT_DIFF, prev)
+        _restore(reg, "ft", fam, var, CHAMPION, champion)
+        log.info(
+            "an earlier attempt's promotion taken back: champion %s, next-diff %s", _ref(champion), _ref(prev)
+        )
     reg.set_tags(registered["ft"], {"cycle_status": steps.CYCLE_COMPLETE})
     crash_point("cycle:complete-tagged")
+
+
+def _restore(reg, kind: str, fam: str, var: str, alias: str, to: RegisteredVersion | None) -> None:  # type: ignore[no-untyped-def]
+    if to is None:
+        reg.delete_alias(kind, fam, var, alias)
+    else:
+        reg.set_alias(kind, fam, var, alias, to.version)
 
 
 def _ver(v: RegisteredVersion | None) -> str | None:
