@@ -56,7 +56,7 @@ class Comparison:
     def text(self) -> str:
         if self.n is None:
             return f"{self.diff:+.4f} vs {self.against} (no per-example results: point comparison)"
-        return f"{self.diff:+.4f} vs {self.against}, interval [{self.low:+.4f}, {self.high:+.4f}] on {self.n} examples"
+        return f"{self.diff:+.4f} vs {self.against}, interval {self.low:+.4f} to {self.high:+.4f} on {self.n} examples"
 
 
 @dataclass(frozen=True)
