@@ -287,7 +287,7 @@ def test_two_recycler_watch_processes_started_together_keep_the_chain(
     for v in ("v1", "v2"):
         publish(fast_family, releases, v)
     family = f"live-{homes[:3]}-{uuid.uuid4().hex[:6]}"  # the MLflow server is shared by the session
-    spec = make_spec(fast_family, family=family)
+    spec = make_spec(fast_family).model_copy(update={"family": family})
     spec_file = tmp_path / "family.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     shared = {"RECYCLER_TRACKING_URI": mlflow_server.uri, "RECYCLER_S3_ENDPOINT_URL": moto_s3.endpoint,
