@@ -122,7 +122,7 @@ FAST = {
     "qa_text": 0.0,
     "task_ops": ("add",),
     "ft_learning_rate": 1e-3,
-    "ft_steps": 100,
+    "ft_steps": 200,
     "ft_warmup_ratio": 0.03,
 }
 
