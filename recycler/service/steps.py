@@ -302,11 +302,8 @@ def previous_diff(registry: Registry, spec: CycleSpec, release: Release) -> Regi
     """The Δ this cycle applies: the family's `next-diff`, unless this very cycle already moved the
     alias before being interrupted, in which case the Δ it applied is recorded on the new Δ."""
     prev = registry.get_alias("diff", spec.family, spec.variant, NEXT_DIFF)
-    if prev is not None and of_release(prev, release) and prev.fingerprint:
+    if prev is not None and of_release(prev, release):  # (of_release also matches pre-fingerprint Δs)
         parent = prev.tags.get("cycle_parent_diff")
-        prev = registry.resolve(parent) if parent else None
-    elif prev is not None and prev.tags.get("base_version") == release.version and not prev.fingerprint:
-        parent = prev.tags.get("cycle_parent_diff")  # registered before fingerprints were recorded
         prev = registry.resolve(parent) if parent else None
     return prev
 
