@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import typer
 from rich.table import Table
 
 from recycler.cli.common import OutOpt, OverwriteOpt, QuietOpt, ShardOpt, TrackOpt, console, out, progress_bar
+from recycler.cli.lora import EnergyOpt, RankOpt
 from recycler.errors import RecyclerError
 
 app = typer.Typer()  # commands are registered on the main app by `register`
@@ -72,6 +74,26 @@ TokOpt = Annotated[
 ]
 
 
+AllowOtherBaseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-other-base",
+        help="A LoRA adapter records the name of its base: accept a base folder of another name "
+        "(shapes are still checked).",
+    ),
+]
+
+
+def _input_bytes(path: Path) -> int:
+    """Bytes a progress bar counts for an input: a checkpoint's weights, an adapter's float32 Δ."""
+    from recycler.io.adapter import is_adapter, open_adapter
+    from recycler.io.checkpoint import open_checkpoint
+
+    if is_adapter(path):
+        return sum(4 * math.prod(s) for s in open_adapter(path).shapes().values())
+    return open_checkpoint(path).nbytes
+
+
 def _policy_params(policy) -> dict[str, object]:
     return {k: ",".join(v) if isinstance(v, tuple) else v for k, v in policy.model_dump().items()}
 
@@ -79,7 +101,11 @@ def _policy_params(policy) -> dict[str, object]:
 def diff(
     base: Annotated[Path, typer.Argument(help="Base checkpoint m_s (HF folder, safetensors).")],
     tuned: Annotated[
-        Path, typer.Argument(help="Its fine-tuned version m′_s (same architecture and shapes).")
+        Path,
+        typer.Argument(
+            help="Its fine-tuned version m′_s (same architecture and shapes), or a PEFT LoRA adapter folder "
+            "trained on BASE (adapter_config.json + adapter_model.safetensors)."
+        ),
     ],
     output: OutOpt,
     dtype: Annotated[
@@ -103,19 +129,42 @@ def diff(
             help="Fingerprint inputs by hashing every weight byte (slower) instead of their structure.",
         ),
     ] = False,
+    allow_other_base: AllowOtherBaseOpt = False,
+    as_lora: Annotated[
+        bool,
+        typer.Option(
+            "--as-lora",
+            help="Write Δ as a PEFT LoRA adapter for BASE instead (truncated SVD; needs --rank or --energy).",
+        ),
+    ] = False,
+    rank: RankOpt = None,
+    energy: EnergyOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     track: TrackOpt = None,
 ) -> None:
-    """Extract Δ = TUNED − BASE into a verifiable Δ artifact (sharded safetensors + manifest)."""
+    """Extract Δ = TUNED − BASE into a verifiable Δ artifact (sharded safetensors + manifest).
+
+    TUNED may be a LoRA adapter: Δ = scale·B·A per adapted module (float32), modules_to_save as
+    saved − base; only the tensors the adapter changes are written.
+    """
     _engine_threads()
+    if as_lora:
+        from recycler.cli.lora import write_lora
+        from recycler.stages.apply import fine_tune_delta
+
+        delta = fine_tune_delta(base, tuned, allow_other_base=allow_other_base)
+        write_lora(delta, output, rank, energy, None, base, [base, tuned], overwrite)
+        return
+    if rank is not None or energy is not None:
+        raise typer.BadParameter("--rank and --energy go with --as-lora")
     from recycler.io.checkpoint import open_checkpoint
     from recycler.io.writer import parse_size
     from recycler.registry.runlog import log_json_artifact
     from recycler.registry.runs import maybe_track
     from recycler.stages.extract import diff_checkpoints
 
-    total = open_checkpoint(base).nbytes + open_checkpoint(tuned).nbytes
+    total = open_checkpoint(base).nbytes + _input_bytes(tuned)
     params = {"base": base, "tuned": tuned, "output": output, "dtype": dtype, "shard_size": shard_size}
     with maybe_track("diff", params, enabled=track), progress_bar("diff", total, quiet) as tick:
         r = diff_checkpoints(
@@ -128,9 +177,19 @@ def diff(
             overwrite=overwrite,
             hash_inputs=hash_inputs,
             on_progress=tick,
+            allow_other_base=allow_other_base,
         )
         log_json_artifact(r.manifest, "delta_manifest.json")
     m = r.manifest
+    if "adapter" in m["sources"]:
+        a = m["sources"]["adapter"]
+        console.print(
+            f"  LoRA adapter: {a['lora_modules']} modules (rank {a['ranks']}, scale {a['scales']}), "
+            f"{len(a['modules_to_save'])} saved whole; Δ stored as float32, {m['tensor_count']} tensors"
+        )
+        console.print(f"  ‖Δ‖/‖base‖ (adapted matrices) = {m['relative_norms'].get('matrices', 0.0):.4g}")
+        out.print(f"wrote {r.path}")
+        return
     res, rt = m["residual"], m["roundtrip"]
     console.print(
         f"  ‖Δ‖/‖base‖ (matrices) = {m['relative_norms'].get('matrices', 0.0):.4g}, {m['tensor_count']} tensors"
@@ -152,9 +211,32 @@ def apply(
     target: Annotated[
         Path, typer.Argument(help="Target base m_t: a newer (recycling) or older (backporting) base version.")
     ],
-    delta: Annotated[Path, typer.Argument(help="Δ artifact written by `recycler diff`.")],
+    deltas: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Δ artifact(s) written by `recycler diff`, or LoRA adapter folders (their scale·B·A). "
+            "Several compose: TARGET + Σ α_i·Δ_i, rounded once."
+        ),
+    ],
     output: OutOpt,
-    alpha: AlphaOpt = 1.0,
+    alpha: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--alpha",
+            "-a",
+            help="Scale of Δ: output = target + α·Δ (1.0 as in the paper). With several Δs: once for all, "
+            "or once per Δ in order.",
+        ),
+    ] = None,
+    alpha_rule: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--alpha-rule",
+            help="α for some tensors: [N:]SELECTOR=ALPHA, SELECTOR a family (embed, lm_head, attention, mlp, "
+            "norm, other), layers:A-B or a name glob, '+' for 'and'; N limits it to Δ number N. The last "
+            "matching rule wins; α = 0 leaves a tensor as the target has it. Repeatable.",
+        ),
+    ] = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     only_in_delta: OnlyInDeltaOpt = "error",
@@ -165,27 +247,39 @@ def apply(
     quiet: QuietOpt = False,
     track: TrackOpt = None,
 ) -> None:
-    """Write TARGET + α·Δ as a checkpoint that loads with AutoModelForCausalLM.from_pretrained."""
+    """Write TARGET + α·Δ (or TARGET + Σ α_i·Δ_i) as a checkpoint that loads with from_pretrained."""
     _engine_threads()
-    from recycler.stages.apply import apply_diff
+    from recycler.stages.apply import adapter_delta, apply_diff, stored_delta
+    from recycler.stages.compose import compose, parse_rule
 
-    policy = _policy(alpha, include, exclude, only_in_delta, vocab, tokenizer_from)
-    params = {"target": target, "delta": delta, "output": output}
-    _transfer(
-        "apply",
-        params,
-        policy,
-        target,
-        shard_size,
-        quiet,
-        track,
-        lambda **kw: apply_diff(target, delta, output, overwrite=overwrite, **kw),
-    )
+    alphas = alpha or [1.0]
+    if len(alphas) not in (1, len(deltas)):
+        raise typer.BadParameter(f"{len(alphas)} --alpha values for {len(deltas)} Δs: give one, or one per Δ")
+    alphas = alphas * len(deltas) if len(alphas) == 1 else alphas
+    try:
+        rules = [parse_rule(r, len(deltas)) for r in alpha_rule or ()]
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    policy = _policy(alphas[0], include, exclude, only_in_delta, vocab, tokenizer_from)
+    params = {"target": target, "delta": ",".join(map(str, deltas)), "output": output}
+    if len(deltas) == 1 and not rules:  # the one-Δ path: exact round trip at α = 1
+        run = lambda **kw: apply_diff(target, deltas[0], output, overwrite=overwrite, **kw)  # noqa: E731
+    else:
+        from recycler.io.adapter import is_adapter
+
+        inputs = [adapter_delta(d, None) if is_adapter(d) else stored_delta(d) for d in deltas]
+        params |= {"alphas": ",".join(f"{a:g}" for a in alphas), "alpha_rules": ";".join(alpha_rule or ())}
+        run = lambda **kw: compose(  # noqa: E731
+            target, inputs, alphas, rules, output, inputs=list(deltas), overwrite=overwrite, **kw
+        )
+    _transfer("apply", params, policy, target, shard_size, quiet, track, run)
 
 
 def recycle(
     base: Annotated[Path, typer.Argument(help="Old base m_s.")],
-    tuned: Annotated[Path, typer.Argument(help="Its fine-tuned version m′_s.")],
+    tuned: Annotated[
+        Path, typer.Argument(help="Its fine-tuned version m′_s, or a PEFT LoRA adapter trained on BASE.")
+    ],
     target: Annotated[Path, typer.Argument(help="New base m_t.")],
     output: OutOpt,
     alpha: AlphaOpt = 1.0,
@@ -195,11 +289,12 @@ def recycle(
     vocab: VocabOpt = "auto",
     tokenizer_from: TokOpt = "auto",
     shard_size: ShardOpt = "5GB",
+    allow_other_base: AllowOtherBaseOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     track: TrackOpt = None,
 ) -> None:
-    """Write TARGET + α·(TUNED − BASE) in one streaming pass, without storing Δ."""
+    """Write TARGET + α·(TUNED − BASE) in one streaming pass, without storing Δ (TUNED may be an adapter)."""
     _engine_threads()
     from recycler.stages.apply import recycle as run
 
@@ -213,7 +308,9 @@ def recycle(
         shard_size,
         quiet,
         track,
-        lambda **kw: run(base, tuned, target, output, overwrite=overwrite, **kw),
+        lambda **kw: run(
+            base, tuned, target, output, overwrite=overwrite, allow_other_base=allow_other_base, **kw
+        ),
     )
 
 

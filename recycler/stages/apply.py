@@ -15,9 +15,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recycler.delta.compat import Side, compare_tensor_sets, plan_transfer
+from recycler.delta.compat import Job, Side, compare_tensor_sets, plan_transfer
 from recycler.delta.policy import ApplyPolicy, CompatibilityReport
 from recycler.errors import IncompatibleCheckpoints, InvalidCheckpoint
+from recycler.io.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    Adapter,
+    adapter_source,
+    base_identity_problem,
+    is_adapter,
+    open_adapter,
+    shape_problems,
+)
 from recycler.io.atomic import atomic_folder
 from recycler.io.checkpoint import GENERATION_CONFIG, TOKENIZER_FILES, Checkpoint, load_vocab, open_checkpoint
 from recycler.io.manifest import (
@@ -26,6 +36,7 @@ from recycler.io.manifest import (
     fingerprint,
     listed_file_problems,
     manifest_digest,
+    sha256_file,
     write_manifest,
 )
 from recycler.io.reader import WINDOW, ChunkReader, DeltaSource, PairDelta, StoredDelta, compute_threads
@@ -36,6 +47,7 @@ from recycler.stages.engine import stream_apply
 
 Progress = Callable[[int], None]
 Opener = Callable[[ChunkReader], Callable[[str], DeltaSource]]
+Planner = Callable[[Side[TensorEntry]], tuple[list[Job[TensorEntry]], CompatibilityReport]]
 
 
 @dataclass
@@ -142,16 +154,99 @@ def pair_delta(base_path: Path, tuned_path: Path) -> DeltaInputs:
     )
 
 
-def apply_diff(target_path: Path, diff_path: Path, out: Path, **kw) -> TransferResult:
-    """m_t + α·Δ from a stored Δ artifact. See `transfer` for keyword arguments."""
-    return transfer(target_path, stored_delta(diff_path), out, inputs=[Path(diff_path)], **kw)
+@dataclass(frozen=True)
+class _DeltaSpec:
+    """An adapter's Δ tensor as planning sees it: float32, of the adapted weight's shape."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "F32"
 
 
-def recycle(base_path: Path, tuned_path: Path, target_path: Path, out: Path, **kw) -> TransferResult:
-    """m_t + α·(m′_s − m_s) in one streaming pass, without writing Δ."""
-    return transfer(
-        target_path, pair_delta(base_path, tuned_path), out, inputs=[Path(base_path), Path(tuned_path)], **kw
+def adapter_delta(
+    adapter_path: Path, base_path: Path | None, *, allow_other_base: bool = False
+) -> DeltaInputs:
+    """Δ of a PEFT LoRA adapter (`recycler.io.adapter`), never materialised.
+
+    With its base: every adapted tensor is checked against the base's shapes and the adapter's recorded
+    base name (IncompatibleCheckpoints unless `allow_other_base`), and modules_to_save become
+    saved − base. Without one (applying an adapter as a Δ): only LoRA factors are accepted.
+    """
+    adapter = open_adapter(adapter_path)
+    base = open_checkpoint(base_path) if base_path is not None else None
+    if base is not None:
+        problems = shape_problems(adapter, base.tensors)
+        if problems:
+            raise IncompatibleCheckpoints(
+                f"{adapter.path} was not trained on {base.path}: " + "; ".join(problems[:10])
+            )
+        who = base_identity_problem(adapter, base.path, base.config)
+        if who and not allow_other_base:
+            raise IncompatibleCheckpoints(
+                f"{adapter.path}: {who}. If it is the same model under another name, pass --allow-other-base"
+            )
+    elif adapter.saved or adapter.base_layers:
+        raise IncompatibleCheckpoints(
+            f"{adapter.path} saves {sorted({**adapter.saved, **adapter.base_layers})[:5]} whole "
+            "(modules_to_save, or embedding layers): their Δ needs the "
+            "adapter's base; use `recycler recycle BASE ADAPTER TARGET`"
+        )
+    tensors = {n: _DeltaSpec(n, tuple(s)) for n, s in adapter.shapes().items()}
+    own_tokenizer = _has_tokenizer(adapter.path)
+    folder = adapter.path if own_tokenizer or base is None else base.path
+    side = Side(
+        tensors,
+        base.vocab_size if base else None,
+        base.tied_embeddings if base else False,
+        load_vocab(folder),
+        str(adapter.path),
     )
+    base_entries = base.tensors if base is not None else {}
+    provenance = {
+        "kind": "adapter",
+        "adapter": adapter_fingerprint(adapter),
+        **({"base": fingerprint(base)} if base is not None else {}),
+    }
+    return DeltaInputs(
+        side=side,
+        side_folder=folder,
+        provenance=provenance,
+        open=lambda chunks: lambda name: adapter_source(chunks, adapter, base_entries, name),
+    )
+
+
+def adapter_fingerprint(adapter: Adapter) -> dict:
+    """The adapter's content: sha256 of its config and weights, and what its config says."""
+    digests = {f: sha256_file(adapter.path / f).sha256 for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+    return {"sha256": digests, **adapter.summary()}
+
+
+def fine_tune_delta(base_path: Path, tuned_path: Path, *, allow_other_base: bool = False) -> DeltaInputs:
+    """Δ of a fine-tune, given as a full checkpoint or as a PEFT LoRA adapter folder."""
+    if is_adapter(tuned_path):
+        return adapter_delta(tuned_path, base_path, allow_other_base=allow_other_base)
+    return pair_delta(base_path, tuned_path)
+
+
+def apply_diff(target_path: Path, diff_path: Path, out: Path, **kw) -> TransferResult:
+    """m_t + α·Δ from a stored Δ artifact, or from a LoRA adapter's factors (scale·B·A, no base needed
+    unless it saves modules whole). See `transfer` for keyword arguments."""
+    delta = adapter_delta(diff_path, None) if is_adapter(diff_path) else stored_delta(diff_path)
+    return transfer(target_path, delta, out, inputs=[Path(diff_path)], **kw)
+
+
+def recycle(
+    base_path: Path,
+    tuned_path: Path,
+    target_path: Path,
+    out: Path,
+    *,
+    allow_other_base: bool = False,
+    **kw,
+) -> TransferResult:
+    """m_t + α·(m′_s − m_s) in one streaming pass, without writing Δ; m′_s may be a LoRA adapter."""
+    delta = fine_tune_delta(base_path, tuned_path, allow_other_base=allow_other_base)
+    return transfer(target_path, delta, out, inputs=[Path(base_path), Path(tuned_path)], **kw)
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -168,17 +263,21 @@ def transfer(
     overwrite: bool = False,
     target_id: str | None = None,
     on_progress: Progress | None = None,
+    planner: Planner | None = None,
+    manifest_extra: dict | None = None,
 ) -> TransferResult:
     """Stream target + α·Δ into `out` (atomic). Validation and planning happen before any write.
 
     The manifest depends on content only (digests, dtype, α, policy, tool version): the same inputs
     from any folder give the same bytes, hence one address. `target_id` is recorded only if given.
+    `planner` replaces the one-Δ plan (composition: `recycler.stages.compose`); `manifest_extra` adds
+    to (or overrides) the manifest's keys.
     """
     target = open_checkpoint(target_path)
     side = Side(
         target.tensors, target.vocab_size, target.tied_embeddings, load_vocab(target.path), str(target.path)
     )
-    jobs, report = plan_transfer(side, delta.side, policy)
+    jobs, report = planner(side) if planner is not None else plan_transfer(side, delta.side, policy)
     plan = [PlannedTensor(j.entry.name, j.entry.dtype, j.entry.shape) for j in jobs]
     with atomic_folder(out, [target.path, *inputs], overwrite=overwrite) as tmp, ThreadPoolExecutor(1) as bg:
         checked = _start_check(bg, delta)
@@ -205,6 +304,7 @@ def transfer(
             "sources": {"target": target_src, "delta": delta.provenance},
             "tensor_count": len(plan),
             "vocab_size": target.vocab_size,
+            **(manifest_extra or {}),
         }
         manifest = write_manifest(tmp, body, dict(digests))
     return TransferResult(Path(out), manifest, report)
