@@ -67,7 +67,8 @@ def print_cost(m: dict) -> None:
         console.print(
             f"  not representable as LoRA, left out: {len(dropped['tensors'])} tensors "
             f"({', '.join(dropped['tensors'][:3])}{', …' if len(dropped['tensors']) > 3 else ''}), "
-            f"{100 * dropped['share_of_delta_sumsq']:.3g}% of ‖Δ‖²"
+            f"{100 * dropped['share_of_delta_sumsq']:.3g}% of ‖Δ‖²; over all of Δ ‖Δ − adapter‖/‖Δ‖ = "
+            f"{m['relative_error_all']:.3g}"
         )
 
 

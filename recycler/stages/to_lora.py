@@ -4,7 +4,7 @@ Each 2-D weight Δ (not the embeddings, which PEFT adapts with another layer typ
 B = U√S and A = √S Vᵀ at a fixed rank or at the smallest rank keeping a share of ‖Δ‖²; the adapter's
 config gives every module lora_alpha = r, so PEFT's scale is exactly 1 and its merge is B·A. What an
 adapter cannot carry (vectors such as norms and biases, embeddings) is left out *and reported* with
-its share of ‖Δ‖², next to the relative reconstruction error ‖Δ − BA‖/‖Δ‖ per tensor family: the
+its share of ‖Δ‖², next to the relative reconstruction error ‖Δ − BA‖/‖Δ‖ per tensor family of the adapted matrices: the
 manifest and the CLI say what the adapter form cost. One Δ matrix is in memory at a time.
 """
 
@@ -71,7 +71,6 @@ def delta_to_lora(
             if not adaptable(name, tuple(spec.shape)):
                 if sq > 0:
                     dropped[name] = sq
-                _add(sums, name, sq, sq, kept=False)
                 continue
             if sq == 0:
                 continue  # nothing to adapt
@@ -80,14 +79,14 @@ def delta_to_lora(
             tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = lr.a
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = lr.b
             ranks[module] = lr.rank
-            _add(sums, name, lr.sumsq_delta, lr.sumsq_error, kept=True)
+            _add(sums, name, lr.sumsq_delta, lr.sumsq_error)
     finally:
         chunks.close()
     if not ranks:
         raise IncompatibleCheckpoints(
             f"{delta.side.label}: no non-zero weight matrix to turn into an adapter"
         )
-    total = sum(v[0] for k, v in sums.items() if k == "total")
+    kept_sq, err_sq, lost = sums["total"][0], sums["total"][1], sum(dropped.values())
     body = {
         "kind": "adapter",
         "method": {"rank": rank} if rank is not None else {"energy": energy},
@@ -96,8 +95,10 @@ def delta_to_lora(
         "relative_error": {fam: math.sqrt(e / d) if d else 0.0 for fam, (d, e) in sorted(sums.items())},
         "dropped": {
             "tensors": sorted(dropped),
-            "share_of_delta_sumsq": (sum(dropped.values()) / total) if total else 0.0,
+            "share_of_delta_sumsq": lost / (kept_sq + lost) if kept_sq + lost else 0.0,
         },
+        # ‖Δ − adapter‖/‖Δ‖ over every tensor of Δ, the ones left out included
+        "relative_error_all": math.sqrt((err_sq + lost) / (kept_sq + lost)) if kept_sq + lost else 0.0,
         "sources": {"delta": provenance or delta.provenance},
     }
     with atomic_folder(out, inputs, overwrite=overwrite) as tmp:
@@ -112,11 +113,11 @@ def delta_to_lora(
     return LoraResult(Path(out), manifest)
 
 
-def _add(sums: dict, name: str, sq_delta: float, sq_error: float, *, kept: bool) -> None:
-    """Per family and in total: Σ‖Δ‖² and Σ‖Δ − BA‖² (a dropped tensor's error is all of it)."""
+def _add(sums: dict, name: str, sq_delta: float, sq_error: float) -> None:
+    """Per family and in total, over the adapted matrices: Σ‖Δ‖² and Σ‖Δ − BA‖²."""
     for key in (tensor_family(name), "total"):
         sums[key][0] += sq_delta
-        sums[key][1] += sq_error if kept else sq_delta
+        sums[key][1] += sq_error
 
 
 def _read(source, shape: tuple[int, ...], chunks: ChunkReader) -> np.ndarray:
