@@ -215,7 +215,7 @@ def compose(
         composite,
         out,
         inputs=list(inputs),
-        policy=policy,
+        policy=policy.model_copy(update={"alpha": 1.0}),  # the α's are in the composed Δ already
         planner=planner,
         manifest_extra=extra,
         **kw,
