@@ -237,3 +237,25 @@ def test_adapter_base_is_checked(models, llama_adapter, tmp_path):
     assert not (tmp_path / "out").exists()
     recycle(renamed, adapter, models["tuned32"], tmp_path / "out", allow_other_base=True)
     assert (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_precheck_scores_an_adapter_as_its_delta(tiny_releases, tmp_path):
+    """An adapter candidate gets the very numbers its extracted Δ gets (same Δ, never written)."""
+    from recycler.stages.precheck import precheck
+
+    v1, v2 = tiny_releases["v1"], tiny_releases["v2"]
+    adapter, _ = make_adapter(v1, tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    diff_checkpoints(v1, adapter, tmp_path / "d")
+    kw = {"bases": [v1], "alphas": (0.5, 1.0), "sample": tiny_releases["sample"], "n": 4}
+    as_delta = precheck(v2, [tmp_path / "d"], **kw).candidates[0]
+    as_adapter = precheck(v2, [adapter], **kw).candidates[0]
+    for key in ("relative_distance", "base_distance", "cosine", "probe_loss", "score"):
+        assert getattr(as_adapter, key) == getattr(as_delta, key), key
+    assert as_adapter.relative_distance is not None and as_adapter.probe_loss
+    with pytest.raises(IncompatibleCheckpoints, match="shape"):
+        precheck(
+            v2,
+            [adapter],
+            bases=[build_tiny_model(tmp_path / "wide", hidden=48)],
+            sample=tiny_releases["sample"],
+        )

@@ -9,6 +9,7 @@ the target goes through `ApplyPolicy` and into the CompatibilityReport saved wit
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -161,6 +162,10 @@ class _DeltaSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str = "F32"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 def adapter_delta(
