@@ -146,7 +146,7 @@ def bench_size(size: float, args) -> list[dict]:
     if exe:
         theirs = work / "mergekit-lora"
         cmd = [exe, "--model", str(ft), "--base-model", str(ms), "--out-path", str(theirs)]
-        cmd += ["--max-rank", str(args.rank), "--no-cuda"]
+        cmd += ["--max-rank", str(args.rank), "--no-cuda", "--skip-undecomposable", "--quiet"]
         rows.append(
             {
                 "task": "Δ → adapter",

@@ -148,14 +148,14 @@ def diff(
     TUNED may be a LoRA adapter: Δ = scale·B·A per adapted module (float32), modules_to_save as
     saved − base; only the tensors the adapter changes are written.
     """
-    _engine_threads()
-    if as_lora:
+    if as_lora:  # before _engine_threads: the SVDs want every BLAS thread
         from recycler.cli.lora import write_lora
         from recycler.stages.apply import fine_tune_delta
 
         delta = fine_tune_delta(base, tuned, allow_other_base=allow_other_base)
         write_lora(delta, output, rank, energy, None, base, [base, tuned], overwrite)
         return
+    _engine_threads()
     if rank is not None or energy is not None:
         raise typer.BadParameter("--rank and --energy go with --as-lora")
     from recycler.io.checkpoint import open_checkpoint
