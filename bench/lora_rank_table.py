@@ -31,7 +31,12 @@ from recycler.toy import build_toy_family
 def run_seed(seed: int, args) -> dict:
     fam = build_toy_family(args.cache, fast=args.fast, seed=seed)
     ft_cfg = fam.finetune_config
-    task = load_task(fam.test, batch_size=ft_cfg.eval_batch_size, max_new_tokens=ft_cfg.eval_max_new_tokens, extract=ft_cfg.eval_extract)
+    task = load_task(
+        fam.test,
+        batch_size=ft_cfg.eval_batch_size,
+        max_new_tokens=ft_cfg.eval_max_new_tokens,
+        extract=ft_cfg.eval_extract,
+    )
     work = args.work / f"seed{seed}"
     work.mkdir(parents=True, exist_ok=True)
 

@@ -27,6 +27,7 @@ from recycler.io.safetensors import TensorEntry, read_header
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+ROW_BLOCK = 1 << 16  # Δ elements computed per float64 product
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$"
 )
@@ -288,25 +289,52 @@ class LoraDelta:
         self.numel = math.prod(module.shape)
         self.cols = module.shape[1]
 
-    def blocks(self, start: int, count: int) -> DenseBlocks:
-        out = self.chunks.scratch("lora", count)
-        self.read_f32(start, count, out)
-        return DenseBlocks(out)
+    def blocks(self, start: int, count: int) -> LoraBlocks:
+        return LoraBlocks(self, start, self._factors(start, count))
 
     def read_f32(self, start: int, count: int, out: np.ndarray) -> None:
+        self._rows_into(self._factors(start, count), start, start + count, out[:count])
+
+    def _factors(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """float64 A and B restricted to what Δ rows [r0, r1) of this chunk need, and r0."""
         m, r = self.m, self.m.rank
         r0, r1 = start // self.cols, -(-(start + count) // self.cols)
         if m.transposed:  # Δ rows are columns of A: one read of r1 − r0 elements per row of A
             inner = m.a.shape[1]
             a = np.stack([_f64(self.chunks.array(m.a, k * inner + r0, r1 - r0), m.a.dtype) for k in range(r)])
             b = _f64(self.chunks.array(m.b, 0, m.b.numel), m.b.dtype).reshape(m.b.shape)
-            rows = lora_rows(a, b, m.scale, True, 0, r1 - r0)
         else:
             a = _f64(self.chunks.array(m.a, 0, m.a.numel), m.a.dtype).reshape(m.a.shape)
             b = _f64(self.chunks.array(m.b, r0 * r, (r1 - r0) * r), m.b.dtype).reshape(r1 - r0, r)
-            rows = lora_rows(a, b, m.scale, False, 0, r1 - r0)
-        off = start - r0 * self.cols
-        np.copyto(out[:count], rows.reshape(-1)[off : off + count])
+        return a, b, r0
+
+    def _rows_into(
+        self, factors: tuple[np.ndarray, np.ndarray, int], lo: int, hi: int, out: np.ndarray
+    ) -> None:
+        """Δ elements [lo, hi) into `out`, a few rows at a time (a ~512 KiB float64 product)."""
+        a, b, r0 = factors
+        cols, step = self.cols, max(1, ROW_BLOCK // self.cols)
+        q = lo // cols
+        while q * cols < hi:
+            q1 = min(q + step, -(-hi // cols))
+            rows = lora_rows(a, b, self.m.scale, self.m.transposed, q - r0, q1 - r0).reshape(-1)
+            s, e = max(lo, q * cols), min(hi, q1 * cols)
+            out[s - lo : e - lo] = rows[s - q * cols : e - q * cols]
+            q = q1
+
+
+class LoraBlocks:
+    """The kernels' block provider for one chunk of a LoRA Δ: each block computed when asked for."""
+
+    def __init__(self, source: LoraDelta, start: int, factors: tuple[np.ndarray, np.ndarray, int]):
+        self.source, self.start, self.factors = source, start, factors
+
+    def fill(self, s: int, e: int, w: np.ndarray, sc) -> np.ndarray:
+        self.source._rows_into(self.factors, self.start + s, self.start + e, w[: e - s])
+        return w[: e - s]
+
+    def fix_roundtrip(self, target: np.ndarray, dtype: str, out: np.ndarray, sc) -> None:
+        return None  # no base bits to restore: Δ is a product, not m′ − m
 
 
 def adapter_source(chunks: ChunkReader, adapter: Adapter, base: Mapping[str, TensorEntry], name: str):
