@@ -52,6 +52,14 @@ def test_randomized_svd_is_near_optimal():
     assert lr.error == pytest.approx(recomputed, rel=1e-4)
 
 
+def product(factors: dict, module: str) -> torch.Tensor:
+    """B·A of one module of an adapter we wrote ((B·A)ᵀ for an embedding), in float64."""
+    key = f"base_model.model.{module}"
+    if f"{key}.lora_embedding_A" in factors:
+        return (factors[f"{key}.lora_embedding_B"].double() @ factors[f"{key}.lora_embedding_A"].double()).T
+    return factors[f"{key}.lora_B.weight"].double() @ factors[f"{key}.lora_A.weight"].double()
+
+
 def merged_delta(base, adapter) -> dict[str, torch.Tensor]:
     """What PEFT makes of our adapter on `base`: merge_and_unload − base."""
     model = LlamaForCausalLM.from_pretrained(base)
@@ -73,12 +81,14 @@ def test_diff_as_lora_loads_with_peft_and_is_the_truncated_svd(models, tmp_path)
     for name in base:
         d = (tuned[name].double() - base[name].double()).float()
         key = "base_model.model." + name.removesuffix(".weight")
-        if f"{key}.lora_A.weight" not in factors:
+        if f"{key}.lora_A.weight" in factors:
+            ba = factors[f"{key}.lora_B.weight"].double() @ factors[f"{key}.lora_A.weight"].double()
+        elif f"{key}.lora_embedding_A" in factors:  # PEFT's Embedding LoRA: Δ = (B·A)ᵀ
+            ba = (factors[f"{key}.lora_embedding_B"].double() @ factors[f"{key}.lora_embedding_A"].double()).T
+        else:
             assert torch.equal(got[name], torch.zeros_like(got[name])), name  # left out: no change
-            assert d.dim() == 1 or tensor_family(name) == "embed"
-            assert name in m["dropped"]["tensors"]
+            assert d.dim() == 1 and name in m["dropped"]["tensors"]
             continue
-        ba = factors[f"{key}.lora_B.weight"].double() @ factors[f"{key}.lora_A.weight"].double()
         assert_within_peft_rounding(ba.float(), (base[name].double() + got[name]).float(), base[name], name)
         err = float(torch.linalg.norm(d.double() - ba) / torch.linalg.norm(d.double()))
         assert err == pytest.approx(best_error(d.numpy(), 3), rel=1e-4), name
@@ -86,7 +96,7 @@ def test_diff_as_lora_loads_with_peft_and_is_the_truncated_svd(models, tmp_path)
         fam[0] += float(torch.sum(d.double() ** 2))
         fam[1] += float(torch.sum((d.double() - ba) ** 2))
         checked += 1
-    assert checked == 2 * 7 + 1  # q k v o gate up down per layer, and lm_head
+    assert checked == 2 * 7 + 2  # q k v o gate up down per layer, lm_head and the embeddings
     assert set(m["relative_error"]) == {*sums, "total"}
     for fam, (sd, se) in sums.items():
         assert m["relative_error"][fam] == pytest.approx((se / sd) ** 0.5, rel=1e-4), fam
@@ -108,8 +118,7 @@ def test_energy_picks_the_smallest_rank_per_module(models, tmp_path):
     got = merged_delta(models["base32"], out)
     factors = load_file(out / "adapter_model.safetensors")
     for module in ranks:
-        key = f"base_model.model.{module}"
-        ba = factors[f"{key}.lora_B.weight"].double() @ factors[f"{key}.lora_A.weight"].double()
+        ba = product(factors, module)
         w = f"{module}.weight"
         assert_within_peft_rounding(ba.float(), (base[w].double() + got[w]).float(), base[w], w)
 

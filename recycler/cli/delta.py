@@ -356,11 +356,22 @@ def inspect(
     )
     for role, src in (m.get("sources") or {}).items():
         t.add_row(f"source: {role}", json.dumps(src, default=str)[:200])
-    for key in ("dtype", "alpha", "vocab_size", "tied_embeddings", "roundtrip", "residual"):
+    for key in (
+        "dtype",
+        "alpha",
+        "vocab_size",
+        "tied_embeddings",
+        "roundtrip",
+        "residual",
+        "ranks",
+        "dropped",
+    ):
         if key in m:
             t.add_row(key, json.dumps(m[key]))
     for fam, v in (m.get("relative_norms") or {}).items():
         t.add_row(f"‖Δ‖/‖base‖ {fam}", f"{v:.4g}")
+    for fam, v in (m.get("relative_error") or {}).items():  # an adapter written from a Δ
+        t.add_row(f"‖Δ − BA‖/‖Δ‖ {fam}", f"{v:.4g}")
     out.print(t)
 
 

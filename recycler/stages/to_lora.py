@@ -1,9 +1,9 @@
 """A Δ becomes a PEFT LoRA adapter: a truncated SVD per weight matrix, and what the low rank cost.
 
-Each 2-D weight Δ (not the embeddings, which PEFT adapts with another layer type) becomes B·A with
+Each 2-D weight Δ (embedding tables through PEFT's Embedding LoRA, Δ = (B·A)ᵀ) becomes B·A with
 B = U√S and A = √S Vᵀ at a fixed rank or at the smallest rank keeping a share of ‖Δ‖²; the adapter's
 config gives every module lora_alpha = r, so PEFT's scale is exactly 1 and its merge is B·A. What an
-adapter cannot carry (vectors such as norms and biases, embeddings) is left out *and reported* with
+adapter cannot carry (vectors such as norms and biases) is left out *and reported* with
 its share of ‖Δ‖², next to the relative reconstruction error ‖Δ − BA‖/‖Δ‖ per tensor family of the adapted matrices: the
 manifest and the CLI say what the adapter form cost. One Δ matrix is in memory at a time.
 """
@@ -36,8 +36,13 @@ class LoraResult:
 
 
 def adaptable(name: str, shape: tuple[int, ...]) -> bool:
-    """A weight PEFT adapts with a Linear LoRA layer: a 2-D `.weight` that is not an embedding table."""
-    return len(shape) == 2 and name.endswith(".weight") and tensor_family(name) != "embed"
+    """A weight PEFT adapts with a LoRA layer: a 2-D `.weight` (Linear, or an Embedding: see `_is_embedding`)."""
+    return len(shape) == 2 and name.endswith(".weight")
+
+
+def _is_embedding(name: str) -> bool:
+    """PEFT adapts nn.Embedding with lora_embedding_A (r, vocab) / lora_embedding_B (dim, r): Δ = (B·A)ᵀ."""
+    return tensor_family(name) == "embed"
 
 
 def delta_to_lora(
@@ -74,10 +79,15 @@ def delta_to_lora(
                 continue
             if sq == 0:
                 continue  # nothing to adapt
-            lr = low_rank(d.reshape(spec.shape), rank=rank, energy=energy)
             module = name.removesuffix(".weight")
-            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = lr.a
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = lr.b
+            if _is_embedding(name):  # factor Δᵀ (dim, vocab) = B·A
+                lr = low_rank(d.reshape(spec.shape).T, rank=rank, energy=energy)
+                tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = lr.a
+                tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = lr.b
+            else:
+                lr = low_rank(d.reshape(spec.shape), rank=rank, energy=energy)
+                tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = lr.a
+                tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = lr.b
             ranks[module] = lr.rank
             _add(sums, name, lr.sumsq_delta, lr.sumsq_error)
     finally:
