@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import typer
 from rich.table import Table
 
 from recycler.cli.common import OutOpt, OverwriteOpt, QuietOpt, ShardOpt, TrackOpt, console, out, progress_bar
-from recycler.cli.lora import EnergyOpt, RankOpt
+from recycler.cli.lora import AllowOtherBaseOpt, EnergyOpt, RankOpt, input_bytes
 from recycler.errors import RecyclerError
 
 app = typer.Typer()  # commands are registered on the main app by `register`
@@ -72,26 +71,6 @@ TokOpt = Annotated[
         "--tokenizer-from", help="Output tokenizer/chat template: 'auto', 'source' (fine-tuned) or 'target'."
     ),
 ]
-
-
-AllowOtherBaseOpt = Annotated[
-    bool,
-    typer.Option(
-        "--allow-other-base",
-        help="A LoRA adapter records the name of its base: accept a base folder of another name "
-        "(shapes are still checked).",
-    ),
-]
-
-
-def _input_bytes(path: Path) -> int:
-    """Bytes a progress bar counts for an input: a checkpoint's weights, an adapter's float32 Δ."""
-    from recycler.io.adapter import is_adapter, open_adapter
-    from recycler.io.checkpoint import open_checkpoint
-
-    if is_adapter(path):
-        return sum(4 * math.prod(s) for s in open_adapter(path).shapes().values())
-    return open_checkpoint(path).nbytes
 
 
 def _policy_params(policy) -> dict[str, object]:
@@ -164,7 +143,7 @@ def diff(
     from recycler.registry.runs import maybe_track
     from recycler.stages.extract import diff_checkpoints
 
-    total = open_checkpoint(base).nbytes + _input_bytes(tuned)
+    total = open_checkpoint(base).nbytes + input_bytes(tuned)
     params = {"base": base, "tuned": tuned, "output": output, "dtype": dtype, "shard_size": shard_size}
     with maybe_track("diff", params, enabled=track), progress_bar("diff", total, quiet) as tick:
         r = diff_checkpoints(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,26 @@ import typer
 from rich.table import Table
 
 from recycler.cli.common import OutOpt, OverwriteOpt, console, out
+
+AllowOtherBaseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-other-base",
+        help="A LoRA adapter records the name of its base: accept a base folder of another name "
+        "(shapes are still checked).",
+    ),
+]
+
+
+def input_bytes(path: Path) -> int:
+    """Bytes a progress bar counts for an input: a checkpoint's weights, an adapter's float32 Δ."""
+    from recycler.io.adapter import is_adapter, open_adapter
+    from recycler.io.checkpoint import open_checkpoint
+
+    if is_adapter(path):
+        return sum(4 * math.prod(s) for s in open_adapter(path).shapes().values())
+    return open_checkpoint(path).nbytes
+
 
 RankOpt = Annotated[
     int | None, typer.Option("--rank", "-r", help="LoRA rank of every module (truncated SVD).")
@@ -98,9 +119,7 @@ def lora_upgrade(
     rank: RankOpt = None,
     energy: EnergyOpt = None,
     base_name: BaseNameOpt = None,
-    allow_other_base: Annotated[
-        bool, typer.Option("--allow-other-base", help="Accept a --from folder of another name than recorded.")
-    ] = False,
+    allow_other_base: AllowOtherBaseOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Move an adapter to a new base in one command: adapter → Δ (checked against --from) → adapter
