@@ -87,8 +87,12 @@ def get(ix: dict[str, Path], name: str) -> torch.Tensor:
         return h.get_tensor(name)
 
 
+OPTIMUM: dict[tuple[str, str, int], float] = {}  # (fine-tune, tensor, rank) → Σσ² beyond the rank
+
+
 def adapter_errors(adapter: Path, ms: Path, ft: Path, rank: int) -> dict[str, float]:
-    """‖Δ − scale·B·A‖/‖Δ‖ over the weight matrices the adapter covers, and the optimum at `rank`."""
+    """‖Δ − scale·B·A‖/‖Δ‖ over the weight matrices the adapter covers, and the optimum at `rank`
+    (Eckart–Young, from the exact singular values; computed once per tensor)."""
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     state = load_file(adapter / "adapter_model.safetensors")
     ib, it = tensors(ms), tensors(ft)
@@ -104,10 +108,12 @@ def adapter_errors(adapter: Path, ms: Path, ft: Path, rank: int) -> dict[str, fl
         alpha = cfg.get("alpha_pattern", {}).get(module, cfg.get("lora_alpha", r))
         r_cfg = cfg.get("rank_pattern", {}).get(module, cfg.get("r", r))
         scale = alpha / r_cfg
-        s = torch.linalg.svdvals(d)
+        key_opt = (str(ft), name, rank)
+        if key_opt not in OPTIMUM:
+            OPTIMUM[key_opt] = float((torch.linalg.svdvals(d)[rank:] ** 2).sum())
         sums["delta"] += float((d**2).sum())
         sums["err"] += float(((d - scale * (b @ a)) ** 2).sum())
-        sums["best"] += float((s[rank:] ** 2).sum())
+        sums["best"] += OPTIMUM[key_opt]
         sums["modules"] += 1
     return {
         "relative_error": (sums["err"] / sums["delta"]) ** 0.5,
