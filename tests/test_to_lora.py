@@ -145,3 +145,20 @@ def test_upgrade_adapter_to_new_base_in_one_command(models, tmp_path):
     cli("lora-upgrade", adapter, "--from", old, "--to", new, "-o", tmp_path / "r1", "--rank", "1")
     m1 = json.loads((tmp_path / "r1" / "manifest.json").read_text())
     assert 0.1 < m1["relative_error"]["total"] < 1
+
+
+def test_lora_extract_from_a_stored_delta_checks_the_target(models, delta, tmp_path):
+    from recycler.errors import IncompatibleCheckpoints
+    from recycler.toy.tiny import build_tiny_model
+
+    out = tmp_path / "lora"
+    cli("lora-extract", delta, "-o", out, "--rank", "2", "--target", models["target"])
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["sources"]["delta"]["kind"] == "stored" and m["ranks"] == {"min": 2, "max": 2, "modules": 16}
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"].endswith("target")
+    model = LlamaForCausalLM.from_pretrained(models["target"])
+    peft.PeftModel.from_pretrained(model, out)  # loads on the base it was written for
+    wide = build_tiny_model(tmp_path / "wide", hidden=48)
+    with pytest.raises(IncompatibleCheckpoints, match="would not load on"):
+        cli("lora-extract", delta, "-o", tmp_path / "x", "--rank", "2", "--target", wide)
+    assert not (tmp_path / "x").exists()
