@@ -110,7 +110,7 @@ def adapter_errors(adapter: Path, ms: Path, ft: Path, rank: int) -> dict[str, fl
         scale = alpha / r_cfg
         key_opt = (str(ft), name, rank)
         if key_opt not in OPTIMUM:
-            OPTIMUM[key_opt] = float((torch.linalg.svdvals(d)[rank:] ** 2).sum())
+            OPTIMUM[key_opt] = float((torch.linalg.svdvals(d.float()).double()[rank:] ** 2).sum())
         sums["delta"] += float((d**2).sum())
         sums["err"] += float(((d - scale * (b @ a)) ** 2).sum())
         sums["best"] += OPTIMUM[key_opt]

@@ -88,7 +88,7 @@ class FinetuneConfig(BaseModel):
         return self.build({**self.model_dump(), **changes}, source="overrides")
 
     def resume_fingerprint(self) -> dict:
-        return self.model_dump(exclude=set(RESUME_NEUTRAL))
+        return self.model_dump(mode="json", exclude=set(RESUME_NEUTRAL))  # as saved: tuples are lists
 
 
 @dataclass(frozen=True)
