@@ -37,6 +37,8 @@ def diff_adapter(
     overwrite: bool = False,
     allow_other_base: bool = False,
     base_id: str | None = None,
+    tuned_id: str | None = None,
+    hash_inputs: bool = False,
     on_progress=None,
 ) -> dict:
     """Write the adapter's Δ relative to `base` (checked: shapes and recorded base name); returns the
@@ -56,7 +58,11 @@ def diff_adapter(
                 writer.abort()
                 raise
         _copy_side_files(base, delta, Path(adapter_path), tmp)
-        src = {"fingerprint": fingerprint(base), "model_type": (base.config or {}).get("model_type")}
+        src = {
+            "fingerprint": fingerprint(base, full=hash_inputs),
+            "model_type": (base.config or {}).get("model_type"),
+        }
+        adapter = {"id": tuned_id, **delta.provenance["adapter"]} if tuned_id else delta.provenance["adapter"]
         body = {
             "kind": "diff",
             "dtype": "float32",
@@ -68,7 +74,7 @@ def diff_adapter(
             "base_tokenizer_fingerprint": tokenizer_fingerprint(load_vocab(base.path)),
             "sources": {
                 "base": {"id": base_id, **src} if base_id else src,
-                "adapter": delta.provenance["adapter"],
+                "adapter": adapter,
             },
             "relative_norms": _relative_norms(sumsq, base, names),
             "residual": None,

@@ -83,6 +83,8 @@ def diff_checkpoints(
             overwrite=overwrite,
             allow_other_base=allow_other_base,
             base_id=base_id,
+            tuned_id=tuned_id,
+            hash_inputs=hash_inputs,
             on_progress=on_progress,
         )
         return DiffResult(Path(out), manifest)
