@@ -74,7 +74,7 @@ def low_rank(
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     m = np.asarray(delta, dtype=np.float32)
     full = min(m.shape)
-    total = float(np.dot(m.ravel().astype(np.float64), m.ravel().astype(np.float64)))
+    total = sumsq(m)
     if total == 0.0:
         r = 1 if rank is None else min(rank, full)
         return LowRank(
@@ -86,9 +86,30 @@ def low_rank(
     root = np.sqrt(s[:r])
     b = (u[:, :r] * root).astype(np.float32)  # (out, r)
     a = (root[:, None] * vt[:r]).astype(np.float32)  # (r, in)
-    resid = m - b @ a
-    err_sq = float(np.dot(resid.ravel().astype(np.float64), resid.ravel().astype(np.float64)))
+    err_sq = residual_sumsq(m, b, a)
     return LowRank(a, b, math.sqrt(err_sq / total), total, err_sq)
+
+
+SUM_ROWS = 1 << 16  # elements per float64 block of the sums below (no copy of a whole matrix)
+
+
+def sumsq(x: np.ndarray) -> float:
+    """Σx² accumulated in float64, block by block."""
+    flat = x.reshape(-1)
+    total = 0.0
+    for s in range(0, len(flat), SUM_ROWS):
+        block = flat[s : s + SUM_ROWS].astype(np.float64)
+        total += float(np.dot(block, block))
+    return total
+
+
+def residual_sumsq(m: np.ndarray, b: np.ndarray, a: np.ndarray) -> float:
+    """‖m − b·a‖²_F in float64, a few rows at a time."""
+    step = max(1, SUM_ROWS // m.shape[1])
+    total = 0.0
+    for r in range(0, m.shape[0], step):
+        total += sumsq(m[r : r + step] - b[r : r + step] @ a)
+    return total
 
 
 def _rank_for_energy(s: np.ndarray, total: float, energy: float, full: int) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recycler.delta.lora import low_rank
+from recycler.delta.lora import low_rank, sumsq
 from recycler.delta.math import tensor_family
 from recycler.errors import IncompatibleCheckpoints
 from recycler.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
@@ -72,7 +72,7 @@ def delta_to_lora(
         make = delta.open(chunks)
         for name, spec in specs.items():
             d = _read(make(name), tuple(spec.shape), chunks)
-            sq = float(np.dot(d.ravel().astype(np.float64), d.ravel().astype(np.float64)))
+            sq = sumsq(d)
             if not adaptable(name, tuple(spec.shape)):
                 if sq > 0:
                     dropped[name] = sq
