@@ -37,9 +37,11 @@ from safetensors.torch import load_file, save_file
 PEFT_ROUTE = r"""
 import sys, torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 mt, adapter, out = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(mt, dtype=torch.bfloat16)
+cfg = AutoConfig.from_pretrained(mt)
+cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads  # the synthetic config's head_dim is the tiny one's
+model = AutoModelForCausalLM.from_pretrained(mt, config=cfg, dtype=torch.bfloat16)
 merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 merged.save_pretrained(out)
 """
