@@ -418,3 +418,35 @@ def test_cli_help_explains_options() -> None:
     assert result.exit_code == 0
     for option in ("--data", "--output", "--config", "--eval-data", "--resume", "--max-steps", "--overwrite"):
         assert option in result.output
+
+
+def test_lora_finetune_publishes_merged_model_and_its_adapter(work, tmp_path: Path) -> None:
+    """method: lora trains only B·A on the target modules: the merged output differs from the base by
+    a rank ≤ r Δ there and nowhere else, and its adapter/ reads back (recycler) as that Δ."""
+    pytest.importorskip("peft")
+    from conftest import load_state
+
+    from recycler.stages.extract import diff_checkpoints
+
+    yaml = tmp_path / "lora.yaml"
+    yaml.write_text(
+        "method: lora\nlora_r: 2\nlora_alpha: 4\nlora_target_modules: [q_proj, down_proj]\n"
+        "learning_rate: 0.01\nbatch_size: 4\nmicro_batch_size: 2\nmax_steps: 4\nsave_every: null\neval_every: null\n"
+    )
+    out = tmp_path / "out"
+    record = finetune(work["base"], work["train"], out, FinetuneConfig.from_yaml(yaml))
+    assert record["config"]["method"] == "lora" and record["steps"] == 4
+    base, tuned = load_state(work["base"]), load_state(out)
+    assert base.keys() == tuned.keys()
+    for name, w in base.items():
+        d = tuned[name].double() - w.double()
+        if "q_proj" in name or "down_proj" in name:
+            s = torch.linalg.svdvals(d)
+            assert s[0] > 0 and s[2:].max() < 1e-6 * s[0], name  # rank 2
+        else:
+            assert torch.equal(tuned[name], w), name
+    diff_checkpoints(work["base"], out / "adapter", tmp_path / "delta")
+    delta = load_state(tmp_path / "delta")
+    assert set(delta) == {n for n in base if "q_proj" in n or "down_proj" in n}
+    for name, d in delta.items():
+        assert torch.allclose(base[name] + d, tuned[name], rtol=0, atol=1e-6), name

@@ -26,6 +26,8 @@ open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the c
 before = status("VmRSS:")
 if sys.argv[2] == "diff":
     diff_checkpoints(root / "ms", root / "ft", root / "out-diff", max_shard_bytes=64 << 20)
+elif sys.argv[2] == "adapter":  # a LoRA adapter as the fine-tune: factors read by byte range per chunk
+    recycle(root / "ms", root / "adapter", root / "mt", root / "out-adapter", max_shard_bytes=64 << 20)
 else:
     recycle(root / "ms", root / "ft", root / "mt", root / "out-recycle", max_shard_bytes=64 << 20)
 after = status("VmHWM:")
@@ -42,10 +44,37 @@ def big(tmp_path_factory):
     build_synthetic_checkpoint(
         root / "mt", shapes, seed=2, like=root / "ms", noise=5e-3, max_shard_bytes=128 << 20
     )
+    write_adapter(root / "ms", root / "adapter")
     return root
 
 
-@pytest.mark.parametrize("op", ["diff", "recycle"])
+def write_adapter(base, out, r: int = 16) -> None:
+    """A PEFT-layout LoRA adapter on every projection and the embeddings (transposed factors)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shapes = {}
+    for f in base.glob("*.safetensors"):
+        with safe_open(f, "pt") as h:
+            shapes |= {k: h.get_slice(k).get_shape() for k in h.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, shape in shapes.items():
+        module = "base_model.model." + name.removesuffix(".weight")
+        if name.endswith("proj.weight"):
+            state[f"{module}.lora_A.weight"] = torch.randn(r, shape[1], generator=g)
+            state[f"{module}.lora_B.weight"] = torch.randn(shape[0], r, generator=g) * 1e-3
+        elif "embed_tokens" in name:
+            state[f"{module}.lora_embedding_A"] = torch.randn(r, shape[0], generator=g)
+            state[f"{module}.lora_embedding_B"] = torch.randn(shape[1], r, generator=g) * 1e-3
+    out.mkdir()
+    save_file(state, str(out / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "base_model_name_or_path": str(base)}
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("op", ["diff", "recycle", "adapter"])
 def test_peak_rss_growth_is_far_below_model_size(big, op):
     model_mb = sum(f.stat().st_size for f in (big / "ms").glob("*.safetensors")) / 2**20
     r = subprocess.run(

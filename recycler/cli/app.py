@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 import typer
 
 from recycler import __version__
-from recycler.cli import chain, delta, doctor, registry, toy, train
+from recycler.cli import artifact, chain, delta, doctor, lora, registry, toy, train
 from recycler.cli.common import console, out
 from recycler.errors import RecyclerError
 
@@ -39,7 +39,7 @@ def version() -> None:
 
 
 def _mount() -> None:
-    for module in (delta, train, registry, toy, doctor, chain):
+    for module in (delta, artifact, lora, train, registry, toy, doctor, chain):
         module.register(app)
     for ep in entry_points(group=ENTRY_POINTS):  # the service commands (recycler_flows.cli)
         ep.load()(app)

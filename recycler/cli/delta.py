@@ -1,18 +1,16 @@
-"""`recycler diff | apply | recycle | inspect | verify | demo-delta`: the Δ workflow on HF folders."""
+"""`recycler diff | apply | recycle`: the Δ workflow on HF folders."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from recycler.cli.common import OutOpt, OverwriteOpt, QuietOpt, ShardOpt, TrackOpt, console, out, progress_bar
-from recycler.errors import RecyclerError
+from recycler.cli.lora import AllowOtherBaseOpt, EnergyOpt, RankOpt, input_bytes
 
 app = typer.Typer()  # commands are registered on the main app by `register`
 
@@ -110,7 +108,11 @@ def _policy_params(policy) -> dict[str, object]:
 def diff(
     base: Annotated[Path, typer.Argument(help="Base checkpoint m_s (HF folder, safetensors).")],
     tuned: Annotated[
-        Path, typer.Argument(help="Its fine-tuned version m′_s (same architecture and shapes).")
+        Path,
+        typer.Argument(
+            help="Its fine-tuned version m′_s (same architecture and shapes), or a PEFT LoRA adapter folder "
+            "trained on BASE (adapter_config.json + adapter_model.safetensors)."
+        ),
     ],
     output: OutOpt,
     dtype: Annotated[
@@ -129,20 +131,43 @@ def diff(
             help="Fingerprint inputs by hashing every weight byte (slower) instead of their structure.",
         ),
     ] = False,
+    allow_other_base: AllowOtherBaseOpt = False,
+    as_lora: Annotated[
+        bool,
+        typer.Option(
+            "--as-lora",
+            help="Write Δ as a PEFT LoRA adapter for BASE instead (truncated SVD; needs --rank or --energy).",
+        ),
+    ] = False,
+    rank: RankOpt = None,
+    energy: EnergyOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     track: TrackOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Extract Δ = TUNED − BASE into a verifiable Δ artifact (sharded safetensors + manifest)."""
+    """Extract Δ = TUNED − BASE into a verifiable Δ artifact (sharded safetensors + manifest).
+
+    TUNED may be a LoRA adapter: Δ = scale·B·A per adapted module (float32), modules_to_save as
+    saved − base; only the tensors the adapter changes are written.
+    """
+    if as_lora:  # before _engine_threads: the SVDs want every BLAS thread
+        from recycler.cli.lora import write_lora
+        from recycler.stages.sources import fine_tune_delta
+
+        delta = fine_tune_delta(base, tuned, allow_other_base=allow_other_base)
+        write_lora(delta, output, rank, energy, None, base, [base, tuned], overwrite)
+        return
     _engine_threads(threads, base)
+    if rank is not None or energy is not None:
+        raise typer.BadParameter("--rank and --energy go with --as-lora")
     from recycler.io.checkpoint import open_checkpoint
     from recycler.io.writer import parse_size
     from recycler.registry.runlog import log_json_artifact
     from recycler.registry.runs import maybe_track
     from recycler.stages.extract import diff_checkpoints
 
-    total = open_checkpoint(base).nbytes + open_checkpoint(tuned).nbytes
+    total = open_checkpoint(base).nbytes + input_bytes(tuned)
     params = {"base": base, "tuned": tuned, "output": output, "dtype": dtype, "shard_size": shard_size}
     with maybe_track("diff", params, enabled=track), progress_bar("diff", total, quiet) as tick:
         r = diff_checkpoints(
@@ -155,9 +180,19 @@ def diff(
             overwrite=overwrite,
             hash_inputs=hash_inputs,
             on_progress=tick,
+            allow_other_base=allow_other_base,
         )
         log_json_artifact(r.manifest, "delta_manifest.json")
     m = r.manifest
+    if "adapter" in m["sources"]:
+        a = m["sources"]["adapter"]
+        console.print(
+            f"  LoRA adapter: {a['lora_modules']} modules (rank {a['ranks']}, scale {a['scales']}), "
+            f"{len(a['modules_to_save'])} saved whole; Δ stored as float32, {m['tensor_count']} tensors"
+        )
+        console.print(f"  ‖Δ‖/‖base‖ (adapted matrices) = {m['relative_norms'].get('matrices', 0.0):.4g}")
+        out.print(f"wrote {r.path}")
+        return
     res, rt = m["residual"], m["roundtrip"]
     console.print(
         f"  ‖Δ‖/‖base‖ (matrices) = {m['relative_norms'].get('matrices', 0.0):.4g}, {m['tensor_count']} tensors"
@@ -179,9 +214,32 @@ def apply(
     target: Annotated[
         Path, typer.Argument(help="Target base m_t: a newer (recycling) or older (backporting) base version.")
     ],
-    delta: Annotated[Path, typer.Argument(help="Δ artifact written by `recycler diff`.")],
+    deltas: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Δ artifact(s) written by `recycler diff`, or LoRA adapter folders (their scale·B·A). "
+            "Several compose: TARGET + Σ α_i·Δ_i, rounded once."
+        ),
+    ],
     output: OutOpt,
-    alpha: AlphaOpt = 1.0,
+    alpha: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--alpha",
+            "-a",
+            help="Scale of Δ: output = target + α·Δ (1.0 as in the paper). With several Δs: once for all, "
+            "or once per Δ in order.",
+        ),
+    ] = None,
+    alpha_rule: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--alpha-rule",
+            help="α for some tensors: [N:]SELECTOR=ALPHA, SELECTOR a family (embed, lm_head, attention, mlp, "
+            "norm, other), layers:A-B or a name glob, '+' for 'and'; N limits it to Δ number N. The last "
+            "matching rule wins; α = 0 leaves a tensor as the target has it. Repeatable.",
+        ),
+    ] = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     only_in_delta: OnlyInDeltaOpt = "error",
@@ -193,27 +251,40 @@ def apply(
     track: TrackOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Write TARGET + α·Δ as a checkpoint that loads with AutoModelForCausalLM.from_pretrained."""
+    """Write TARGET + α·Δ (or TARGET + Σ α_i·Δ_i) as a checkpoint that loads with from_pretrained."""
     _engine_threads(threads, target)
     from recycler.stages.apply import apply_diff
+    from recycler.stages.compose import compose, parse_rule
+    from recycler.stages.sources import adapter_delta, stored_delta
 
-    policy = _policy(alpha, include, exclude, only_in_delta, vocab, tokenizer_from)
-    params = {"target": target, "delta": delta, "output": output}
-    _transfer(
-        "apply",
-        params,
-        policy,
-        target,
-        shard_size,
-        quiet,
-        track,
-        lambda **kw: apply_diff(target, delta, output, overwrite=overwrite, **kw),
-    )
+    alphas = alpha or [1.0]
+    if len(alphas) not in (1, len(deltas)):
+        raise typer.BadParameter(f"{len(alphas)} --alpha values for {len(deltas)} Δs: give one, or one per Δ")
+    alphas = alphas * len(deltas) if len(alphas) == 1 else alphas
+    try:
+        rules = [parse_rule(r, len(deltas)) for r in alpha_rule or ()]
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    policy = _policy(alphas[0], include, exclude, only_in_delta, vocab, tokenizer_from)
+    params = {"target": target, "delta": ",".join(map(str, deltas)), "output": output}
+    if len(deltas) == 1 and not rules:  # the one-Δ path: exact round trip at α = 1
+        run = lambda **kw: apply_diff(target, deltas[0], output, overwrite=overwrite, **kw)  # noqa: E731
+    else:
+        from recycler.io.adapter import is_adapter
+
+        inputs = [adapter_delta(d, None) if is_adapter(d) else stored_delta(d) for d in deltas]
+        params |= {"alphas": ",".join(f"{a:g}" for a in alphas), "alpha_rules": ";".join(alpha_rule or ())}
+        run = lambda **kw: compose(  # noqa: E731
+            target, inputs, alphas, rules, output, inputs=list(deltas), overwrite=overwrite, **kw
+        )
+    _transfer("apply", params, policy, target, shard_size, quiet, track, run)
 
 
 def recycle(
     base: Annotated[Path, typer.Argument(help="Old base m_s.")],
-    tuned: Annotated[Path, typer.Argument(help="Its fine-tuned version m′_s.")],
+    tuned: Annotated[
+        Path, typer.Argument(help="Its fine-tuned version m′_s, or a PEFT LoRA adapter trained on BASE.")
+    ],
     target: Annotated[Path, typer.Argument(help="New base m_t.")],
     output: OutOpt,
     alpha: AlphaOpt = 1.0,
@@ -224,13 +295,16 @@ def recycle(
     tokenizer_from: TokOpt = "auto",
     shard_size: ShardOpt = "5GB",
     max_relative_norm: MaxNormOpt = 0.5,
+    allow_other_base: AllowOtherBaseOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     track: TrackOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Write TARGET + α·(TUNED − BASE) in one streaming pass, without storing Δ (refused as `diff`
-    refuses: unrelated models, changed non-float tensors)."""
+    """Write TARGET + α·(TUNED − BASE) in one streaming pass, without storing Δ.
+
+    Refused as `diff` refuses (unrelated models, changed non-float tensors). TUNED may be a LoRA adapter.
+    """
     _engine_threads(threads, target)
     from recycler.stages.apply import recycle as run
 
@@ -245,7 +319,14 @@ def recycle(
         quiet,
         track,
         lambda **kw: run(
-            base, tuned, target, output, overwrite=overwrite, max_relative_norm=max_relative_norm, **kw
+            base,
+            tuned,
+            target,
+            output,
+            overwrite=overwrite,
+            max_relative_norm=max_relative_norm,
+            allow_other_base=allow_other_base,
+            **kw,
         ),
     )
 
@@ -270,61 +351,6 @@ def _transfer(
     out.print(f"wrote {r.path}")
 
 
-def inspect(
-    path: Annotated[Path, typer.Argument(help="A Δ artifact or a model folder written by recycler.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest.")] = False,
-) -> None:
-    """Show what a Δ (or recycled model) is: sources, dtype, size, relative norms, vocabulary."""
-    from recycler.io.checkpoint import open_checkpoint
-
-    ck = open_checkpoint(path, require_config=False)
-    m = ck.manifest
-    if m is None:
-        raise RecyclerError(f"{path}: no manifest.json; `recycler inspect` reads folders written by recycler")
-    if as_json:
-        out.print_json(json.dumps(m))
-        return
-    t = Table(title=f"{m.get('kind')} {path}", show_header=False)
-    t.add_row("tool", m.get("tool", "?"))
-    t.add_row("tensors", str(len(ck.tensors)))
-    t.add_row(
-        "size", f"{sum(f['size'] for f in m['files'].values()) / 1e6:,.1f} MB in {len(m['files'])} files"
-    )
-    for role, src in (m.get("sources") or {}).items():
-        t.add_row(f"source: {role}", json.dumps(src, default=str)[:200])
-    for key in ("dtype", "alpha", "vocab_size", "tied_embeddings", "roundtrip", "residual"):
-        if key in m:
-            t.add_row(key, json.dumps(m[key]))
-    for fam, v in (m.get("relative_norms") or {}).items():
-        t.add_row(f"‖Δ‖/‖base‖ {fam}", f"{v:.4g}")
-    out.print(t)
-
-
-def verify(path: Annotated[Path, typer.Argument(help="A folder written by recycler (Δ or model).")]) -> None:
-    """Re-hash every file against manifest.json; fail on any missing, altered or unlisted file."""
-    from recycler.io.manifest import verify_folder
-
-    r = verify_folder(path)
-    out.print(
-        f"ok: {path} ({r['kind']}): {r['files']} files, {r['bytes']:,} bytes, {r['tensors']} tensors match the manifest"
-    )
-
-
-def demo_delta(
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Folder for the demo's models, Δ and summary.")
-    ] = Path("out/demo-delta"),
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Run the Δ workflow alone (diff, recycle, backport, verify) on tiny models (CPU, seconds)."""
-    from recycler.toy.delta_demo import run_demo
-
-    summary = run_demo(output, overwrite=overwrite, say=lambda m: console.print(m, highlight=False))
-    out.print_json(json.dumps(summary))
-    out.print(f"wrote {output}")
-
-
 def register(main: typer.Typer) -> None:
-    for command in (diff, apply, recycle, inspect, verify):
+    for command in (diff, apply, recycle):
         main.command()(command)
-    main.command("demo-delta")(demo_delta)

@@ -140,7 +140,12 @@ def reproduce_command(
 
 def precheck_command(
     target: Annotated[Path, typer.Argument(help="Target base model folder m_t.")],
-    diff: Annotated[list[Path], typer.Option("--diff", help="Candidate Δ folder (repeatable).")],
+    diff: Annotated[
+        list[Path],
+        typer.Option(
+            "--diff", help="Candidate Δ folder, or a PEFT LoRA adapter folder (with its --base) (repeatable)."
+        ),
+    ],
     base: Annotated[
         list[Path] | None,
         typer.Option("--base", help="The source base m_s of each --diff, in the same order (repeatable)."),

@@ -16,6 +16,7 @@ from recycler.delta.compat import compare_tensor_sets
 from recycler.delta.kernels import roundtrip_checked
 from recycler.delta.vocab import tokenizer_fingerprint
 from recycler.errors import IncompatibleCheckpoints
+from recycler.io.adapter import is_adapter
 from recycler.io.atomic import atomic_folder
 from recycler.io.checkpoint import Checkpoint, load_vocab, open_checkpoint
 from recycler.io.layout import SHARD_NAME
@@ -23,14 +24,19 @@ from recycler.io.manifest import fingerprint, write_manifest
 from recycler.io.reader import WINDOW, compute_threads
 from recycler.io.residual import ResidualSpill, describe
 from recycler.io.writer import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter
+from recycler.stages.adapter_diff import diff_adapter
 from recycler.stages.engine import stream_diff
-from recycler.stages.pair_checks import check_related, refuse_changed_non_float, relative_norms
+from recycler.stages.pair_checks import (
+    DEFAULT_MAX_RELATIVE_NORM,
+    check_related,
+    refuse_changed_non_float,
+    relative_norms,
+)
 
 # Storage dtype of Δ. "auto": the inputs' dtype when both are bf16 or fp16 (half the bytes of float32),
 # float32 otherwise. Every choice is exact: what the stored dtype cannot hold goes into the residual.
 DELTA_DTYPES = {"auto": None, "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 DTYPE_LABELS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-DEFAULT_MAX_RELATIVE_NORM = 0.5  # fine-tunes measure 1e-3..1e-1; unrelated inits measure ≈ √2
 
 Progress = Callable[[int], None]
 
@@ -61,13 +67,30 @@ def diff_checkpoints(
     base_id: str | None = None,
     tuned_id: str | None = None,
     on_progress: Progress | None = None,
+    allow_other_base: bool = False,
 ) -> DiffResult:
     """Write Δ = tuned − base to `out`, atomically: stored in `dtype` plus the residual that makes it exact.
 
     Raises InvalidCheckpoint / IncompatibleCheckpoints before any computation, NonFiniteValues on
     NaN/Inf inputs, UnrelatedModels when ‖Δ‖/‖base‖ exceeds `max_relative_norm`; `out` is then absent.
     The manifest depends on content only: ids appear only when given (`base_id`, `tuned_id`).
+    `tuned_path` may be a PEFT LoRA adapter folder (`recycler.stages.adapter_diff`).
     """
+    if is_adapter(tuned_path):
+        manifest = diff_adapter(
+            open_checkpoint(base_path),
+            tuned_path,
+            out,
+            dtype=dtype,
+            max_shard_bytes=max_shard_bytes,
+            overwrite=overwrite,
+            allow_other_base=allow_other_base,
+            base_id=base_id,
+            tuned_id=tuned_id,
+            hash_inputs=hash_inputs,
+            on_progress=on_progress,
+        )
+        return DiffResult(Path(out), manifest)
     if dtype not in DELTA_DTYPES:
         raise ValueError(f"unsupported Δ dtype {dtype!r}; choose one of {sorted(DELTA_DTYPES)}")
     base, tuned = open_checkpoint(base_path), open_checkpoint(tuned_path)

@@ -27,6 +27,8 @@ from recycler.io.checkpoint import Checkpoint
 from recycler.io.reader import ChunkReader, PairDelta, chunk_ranges, decode_into
 from recycler.io.safetensors import TensorEntry
 
+DEFAULT_MAX_RELATIVE_NORM = 0.5  # fine-tunes measure 1e-3..1e-1; unrelated inits measure ≈ √2
+
 Sums = dict[str, tuple[float, float]]  # tensor name → (Σd32², Σbase²)
 
 

@@ -35,13 +35,15 @@ from pydantic import BaseModel
 from recycler.delta.bits import widen
 from recycler.delta.policy import ApplyPolicy
 from recycler.errors import IncompatibleCheckpoints, PrecheckError
+from recycler.io.adapter import is_adapter
 from recycler.io.checkpoint import Checkpoint, open_checkpoint
 from recycler.io.jsonl import read_jsonl_objects, require_nonempty
 from recycler.io.manifest import fingerprint, sha256_file
 from recycler.io.reader import ChunkReader, chunk_ranges
-from recycler.stages.apply import apply_diff, stored_delta
+from recycler.stages.apply import apply_diff, transfer
 from recycler.stages.evaluate.evaluators import LossEvaluator
 from recycler.stages.finetune.data import Messages, encode_records, parse_record
+from recycler.stages.sources import DeltaInputs, adapter_delta, stored_delta
 
 W_PROXIMITY, W_COSINE = 0.1, 0.05
 Progress = Callable[[str, int, int], None]  # (label, done, total)
@@ -123,13 +125,38 @@ def _weight_digests(ck: Checkpoint) -> dict[str, str]:
     return {p.name: sha256_file(p).sha256 for p in ck.shard_files}
 
 
-def parameter_signals(target: Checkpoint, base: Checkpoint, diff: Checkpoint) -> dict[str, float]:
-    """Stream the three checkpoints chunk by chunk; float32 sums of ‖t−b‖², ‖b‖², ‖Δ‖², ⟨Δ, t−b⟩."""
+def _adapter_candidate(
+    target: Checkpoint, adapter: Path, base: Path | None, adapters: dict[str, DeltaInputs]
+) -> Candidate:
+    """A LoRA adapter as a candidate: checked against its base (shapes, recorded name) when given;
+    without one only its factors count (scale·B·A) and the distance signals are left out."""
+    delta = adapter_delta(adapter, base)
+    adapters[str(adapter)] = delta
+    cand = Candidate(diff=str(adapter), base=str(base) if base else None)
+    if base is None:
+        cand.notes.append(f"source base unknown (pass --base for {adapter.name}): no distance or cosine")
+        return cand
+    cand.notes.append(
+        "LoRA adapter: checked against --base by shapes and recorded name; signals over adapted tensors"
+    )
+    for key, value in parameter_signals(target, open_checkpoint(base), delta).items():
+        setattr(cand, key, value)
+    return cand
+
+
+def parameter_signals(
+    target: Checkpoint, base: Checkpoint, diff: Checkpoint | DeltaInputs
+) -> dict[str, float]:
+    """Stream the three checkpoints chunk by chunk; float32 sums of ‖t−b‖², ‖b‖², ‖Δ‖², ⟨Δ, t−b⟩.
+
+    `diff`: a Δ artifact, or any Δ source (an adapter's: the sums then run over the tensors it adapts).
+    """
     sums = dict.fromkeys(("tb", "b", "d", "dot"), 0.0)
     chunks = ChunkReader()
-    delta = stored_delta(diff.path).open(chunks)  # the exact float32 Δ (stored values + residual)
+    inputs = diff if isinstance(diff, DeltaInputs) else stored_delta(diff.path)
+    delta = inputs.open(chunks)  # the exact float32 Δ (stored values + residual, or scale·B·A)
     try:
-        for name, d in diff.tensors.items():
+        for name, d in inputs.side.tensors.items():
             t, b = target.tensors.get(name), base.tensors.get(name)
             if t is None or b is None or not (t.shape == b.shape == d.shape):
                 raise IncompatibleCheckpoints(
@@ -183,9 +210,19 @@ def probe_loss(model_dir: Path, conversations: list[Messages]) -> float:
     return result.score
 
 
-def _applied_loss(target: Path, diff: Path, alpha: float, conversations: list[Messages], tmp: Path) -> float:
+def _applied_loss(
+    target: Path,
+    diff: Path,
+    alpha: float,
+    conversations: list[Messages],
+    tmp: Path,
+    delta: DeltaInputs | None,
+) -> float:
     out = tmp / f"probe-{len(list(tmp.iterdir()))}"
-    apply_diff(target, diff, out, policy=ApplyPolicy(alpha=alpha))
+    if delta is None:
+        apply_diff(target, diff, out, policy=ApplyPolicy(alpha=alpha))
+    else:  # an adapter: its Δ relative to its base, never written
+        transfer(target, delta, out, inputs=[diff], policy=ApplyPolicy(alpha=alpha))
     return probe_loss(out, conversations)
 
 
@@ -216,7 +253,11 @@ def precheck(
         raise PrecheckError(f"alphas must be finite numbers, got {list(alphas)}")
     tgt = open_checkpoint(target)
     candidates = []
+    adapters: dict[str, DeltaInputs] = {}
     for diff, base in zip(diffs, bases, strict=True):
+        if is_adapter(diff):
+            candidates.append(_adapter_candidate(tgt, Path(diff), base, adapters))
+            continue
         stored_delta(diff)  # validates the Δ artifact (manifest kind, file sizes) before any work
         ck = open_checkpoint(diff, require_config=False)
         base_path, notes = _base_for(tgt, ck, base)
@@ -227,7 +268,9 @@ def precheck(
         candidates.append(cand)
     if sample is None and all(c.relative_distance is None for c in candidates):
         raise PrecheckError("nothing to score: pass --sample (a probe of held-out loss) or --base per Δ")
-    target_loss = _run_probes(Path(target), candidates, alphas, sample, n, progress) if sample else None
+    target_loss = (
+        _run_probes(Path(target), candidates, alphas, sample, n, progress, adapters) if sample else None
+    )
     signals = _score(candidates, target_loss)
     candidates.sort(key=lambda c: c.score, reverse=True)
     return PrecheckResult(
@@ -246,19 +289,21 @@ def _run_probes(
     sample: Path,
     n: int,
     progress: Progress | None,
+    adapters: dict[str, DeltaInputs],
 ) -> float:
     """Fill each candidate's probe losses; returns L(m_t) (α = 0 under the first Δ's tokenizer files)."""
     conversations = probe_conversations(sample, n)
     total, done = 1 + len(candidates) * len(alphas), 0
     with tempfile.TemporaryDirectory(prefix="recycler-precheck-") as tmp:
-        base_loss = _applied_loss(target, Path(candidates[0].diff), 0.0, conversations, Path(tmp))
+        first = candidates[0].diff
+        base_loss = _applied_loss(target, Path(first), 0.0, conversations, Path(tmp), adapters.get(first))
         for cand in candidates:
             for alpha in alphas:
                 done += 1
                 if progress:
                     progress(f"probing {Path(cand.diff).name} α={alpha:g}", done, total)
                 cand.probe_loss[f"{alpha:g}"] = _applied_loss(
-                    target, Path(cand.diff), alpha, conversations, Path(tmp)
+                    target, Path(cand.diff), alpha, conversations, Path(tmp), adapters.get(cand.diff)
                 )
     if progress:
         progress("probes done", total, total)

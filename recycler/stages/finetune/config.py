@@ -57,6 +57,16 @@ class FinetuneConfig(BaseModel):
     save_every: int | None = Field(200, ge=1, description="steps between resumable checkpoints (None: none)")
     keep_last_checkpoints: int | None = Field(2, ge=1, description="None keeps every checkpoint")
     keep_checkpoints_in_output: bool = Field(False, description="publish .checkpoints with the model")
+    method: Literal["full", "lora"] = Field(
+        "full", description="full fine-tuning, or LoRA via PEFT (the published model is merged)"
+    )
+    lora_r: int = Field(16, ge=1, description="LoRA rank (method lora)")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha: scale = alpha / r (method lora)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input (method lora)")
+    lora_target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        description="module name suffixes that get LoRA layers (method lora)",
+    )
     evaluation: EvalOptions = Field(
         EvalOptions(),
         description="periodic evaluation on --eval-data, with `recycler evaluate`'s option names",
@@ -84,7 +94,7 @@ class FinetuneConfig(BaseModel):
         return self.build({**self.model_dump(), **changes}, source="overrides")
 
     def resume_fingerprint(self) -> dict:
-        return self.model_dump(exclude=set(RESUME_NEUTRAL))
+        return self.model_dump(mode="json", exclude=set(RESUME_NEUTRAL))  # as saved: tuples are lists
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from recycler.stages.evaluate.scoring import pad_token_id, token_nll_sum
 from recycler.stages.finetune import state as ts
 from recycler.stages.finetune.config import ExampleOrder, FinetuneConfig, Plan, make_plan
 from recycler.stages.finetune.data import collate, encode_records, load_sft_records
+from recycler.stages.finetune.lora import merged_for_publishing, wrap_lora
 from recycler.stages.finetune.output import PLOT, RECORD, check_output, link_tree, plot_curve
 from recycler.stages.finetune.run import (
     RunState,
@@ -138,6 +139,8 @@ class FinetuneRecipe:
         if self.config.gradient_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.config.method == "lora":
+            model = wrap_lora(model, self.config)
         model.train()
         return model
 
@@ -328,7 +331,11 @@ class FinetuneRecipe:
             for key, value in self.original_dropout.items():  # publish the base's config, not our override
                 setattr(model.config, key, value)
             with atomic_folder(self.out, [self.model_dir], overwrite=True) as tmp:
-                model.save_pretrained(tmp, state_dict=self.acc.get_state_dict(self.model))
+                if self.config.method == "lora":  # the adapter beside the merged model
+                    model = merged_for_publishing(model, tmp)
+                    model.save_pretrained(tmp)
+                else:
+                    model.save_pretrained(tmp, state_dict=self.acc.get_state_dict(self.model))
                 self.tokenizer.save_pretrained(tmp)
                 (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
                 plot_curve(tmp / PLOT, record)
