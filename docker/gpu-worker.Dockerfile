@@ -24,10 +24,10 @@ COPY pyproject.toml README.md /src/
 COPY recycler /src/recycler
 COPY flows /src/flows
 # Pins: the set the tests run on (Prefect 3.9.1 with fastapi 0.150 and SQLAlchemy 2.0).
-RUN pip install /src \
+RUN pip install "/src[lora]" \
         "accelerate==1.16.0" "transformers==5.24.0" "safetensors==0.8.0" \
         "prefect==3.9.1" "fastapi==0.150.0" "sqlalchemy[asyncio]==2.0.58" \
-        "mlflow==3.17.2" "prefect-aws==0.7.12" "boto3==1.44.5"
+        "mlflow==3.17.2" "prefect-aws==0.7.12" "boto3==1.44.5" "peft==0.21.2"
 
 # ---- runtime: same CUDA base, the venv, a non-root user -----------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime

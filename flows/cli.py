@@ -115,19 +115,50 @@ def backport_command(
     alpha: Annotated[
         float | None, typer.Option("--alpha", help="Scale of Δ (default: the spec's, else 1).")
     ] = None,
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output",
+            help="merged: a model (base + α·Δ); adapter: α·Δ as a PEFT LoRA adapter for the base "
+            "({family}-{variant}-lora), with --rank or --energy (default: the spec's adapter:).",
+        ),
+    ] = "merged",
+    rank: Annotated[
+        int | None, typer.Option("--rank", min=1, help="Adapter output: the rank of every module.")
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(
+            "--energy", min=0.0, max=1.0, help="Adapter output: per module, keep this share of ‖Δ‖²."
+        ),
+    ] = None,
 ) -> None:
     """Apply a registered Δ to a registered (older) base and register the result, without training.
 
     With --spec the result is evaluated exactly as the family's cycles evaluate; without it, --family
-    and --task are needed (evaluation settings at their defaults).
+    and --task are needed (evaluation settings at their defaults). `--output adapter` registers the
+    Δ as a LoRA adapter for that base instead of a merged model, scored as base + B·A.
     """
-    from recycler.service.spec import EvalSettings, load_spec
+    from recycler.service.spec import AdapterForm, EvalSettings, load_spec
     from recycler.service.transfer import TransferRequest
 
+    if output not in ("merged", "adapter"):
+        raise typer.BadParameter(f"--output must be merged or adapter, got {output!r}")
+    if output == "merged" and (rank is not None or energy is not None):
+        raise typer.BadParameter("--rank and --energy go with --output adapter")
     family_spec = load_spec(spec) if spec else None
     evaluation = EvalSettings(task=task) if task else None
+    if rank is not None and energy is not None:
+        raise typer.BadParameter("give one of --rank and --energy, not both")
+    form = AdapterForm(rank=rank, energy=energy) if rank is not None or energy is not None else None
     request = TransferRequest.of(
-        family_spec, family=family, variant=variant, evaluation=evaluation, alpha=alpha
+        family_spec,
+        family=family,
+        variant=variant,
+        evaluation=evaluation,
+        alpha=alpha,
+        output=output,
+        adapter=form,
     )
     _prefect_defaults()
     from recycler_flows.transfer import backport
@@ -140,6 +171,8 @@ def backport_command(
             variant=request.variant,
             evaluation=request.evaluation,
             alpha=request.alpha,
+            output=request.output,
+            adapter=request.adapter,
         )
     )
 

@@ -10,9 +10,9 @@ from prefect import Flow, flow
 from prefect.runtime import flow_run
 from recycler_flows.tasks import library_logs, prefect_step, summary_artifact
 
-from recycler.service.spec import CycleSpec, EvalSettings
+from recycler.service.spec import AdapterForm, CycleSpec, EvalSettings
 from recycler.service.summary import transfer_note
-from recycler.service.transfer import How, TransferRequest, run_transfer
+from recycler.service.transfer import How, Output, TransferRequest, run_transfer
 
 DOCS = {
     "backport": "Apply a newer Δ (e.g. `fam-instruct-diff@next-diff`) to an older registered base, no training.",
@@ -23,7 +23,9 @@ PARAMETERS = """
 Parameters: `diff` (NAME@ALIAS or NAME/VERSION), `target_version` (a registered base release), and
 either `spec` (the family's CycleSpec: family, variant, evaluation and alpha come from it) or `family`,
 `variant` and `evaluation` ({task, limit, extract, max_new_tokens, batch_size, normalize, chat}, the
-names of `recycler evaluate`'s options); `alpha` overrides the spec's scale of Δ."""
+names of `recycler evaluate`'s options); `alpha` overrides the spec's scale of Δ. `output`: `merged` (a
+model) or `adapter` (α·Δ as a PEFT LoRA adapter for the target base, registered as
+`{family}-{variant}-lora`), with `adapter` = {rank: R} or {energy: E} (default: the spec's `adapter:`)."""
 
 
 def transfer_flow(how: How) -> Flow:
@@ -35,8 +37,18 @@ def transfer_flow(how: How) -> Flow:
         variant: str | None = None,
         evaluation: EvalSettings | None = None,
         alpha: float | None = None,
+        output: Output = "merged",
+        adapter: AdapterForm | None = None,
     ) -> dict[str, Any]:
-        request = TransferRequest.of(spec, family=family, variant=variant, evaluation=evaluation, alpha=alpha)
+        request = TransferRequest.of(
+            spec,
+            family=family,
+            variant=variant,
+            evaluation=evaluation,
+            alpha=alpha,
+            output=output,
+            adapter=adapter,
+        )
         with library_logs():
             result = run_transfer(how, diff, target_version, request, run=prefect_step)
         title, note = f"{how} {result.diff} {target_version}", lambda ui: transfer_note(result, ui=ui)

@@ -24,7 +24,9 @@ def publish(
     folder: Annotated[
         Path, typer.Argument(help="Folder with a manifest.json (a Δ or model written by recycler).")
     ],
-    kind: Annotated[str, typer.Option("--kind", help="diff, model or base.")] = "model",
+    kind: Annotated[
+        str, typer.Option("--kind", help="diff, model, base or adapter (a PEFT LoRA adapter folder).")
+    ] = "model",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the artifact reference as JSON.")] = False,
 ) -> None:
@@ -40,7 +42,11 @@ def publish(
 
     if kind not in KINDS:
         raise typer.BadParameter(f"--kind must be one of {', '.join(KINDS)}")
-    if not (folder / MANIFEST_NAME).is_file() and kind in ("model", "base"):
+    if kind == "adapter":
+        from recycler.io.adapter import open_adapter
+
+        open_adapter(folder)  # a supported LoRA adapter, named if not (DoRA, LoHa, …)
+    if not (folder / MANIFEST_NAME).is_file() and kind in ("model", "base", "adapter"):
         ensure_manifest(folder, kind=kind)
         console.print(f"wrote {folder / MANIFEST_NAME}")
     store = open_store(get_settings())

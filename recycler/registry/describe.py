@@ -48,6 +48,11 @@ def headline(tags: dict[str, str], related: Related) -> str:
     if kind == "diff":
         mode = {"iterative": "Iterative Δ^iter", "direct": "Direct Δ^dir"}.get(tags.get("diff_mode", ""), "Δ")
         return f"{mode} = {tags.get('source_ft', '?')} − {on}."
+    if kind == "lora":
+        how = f" ({tags['transfer']})" if tags.get("transfer") else ""
+        cost = f", ‖Δ − BA‖/‖Δ‖ {float(tags['lora_error']):.3g}" if tags.get("lora_error") else ""
+        ranks = f" ({tags['lora_ranks']}{cost})" if tags.get("lora_ranks") else ""
+        return f"LoRA adapter{how} for {on}: the low-rank form of Δ {tags.get('source_diff', '?')}{ranks}."
     if kind == "merged":
         if how := tags.get("transfer"):
             source = f" (from release {tags['diff_base_version']})" if tags.get("diff_base_version") else ""
@@ -58,6 +63,8 @@ def headline(tags: dict[str, str], related: Related) -> str:
         return f"Baseline FT(M): fine-tuned from the plain {on}, for comparison with the recycled start.{verdict}"
     if role == "recycled-ft":
         return f"Fine-tune of {tags.get('source_merged', '?')} = {base} + Δ {tags.get('parent_diff', '?')} (release {release}).{verdict}"
+    if role == "adopted":
+        return f"Existing fine-tune of {on}, adopted by the family's first cycle (no training).{verdict}"
     return f"Fine-tune of {on}, the family's first cycle.{verdict}"
 
 
@@ -71,6 +78,8 @@ def describe(name: str, tags: dict[str, str], related: Related = Related(), vers
         ("parent_diff", "Δ applied"),
         ("source_ft", "extracted from (fine-tune)"),
         ("cycle_parent_diff", "previous Δ in the chain"),
+        ("source_diff", "low-rank form of (Δ)"),
+        ("adapter", "LoRA adapter form"),
     ):
         if ref := tags.get(tag):
             lines.append(f"- {label}: {version_link(ref)}")
@@ -97,6 +106,8 @@ def describe(name: str, tags: dict[str, str], related: Related = Related(), vers
         )
     if tags.get("diff_mode"):
         facts.append(f"diff mode: {tags['diff_mode']}")
+    if tags.get("lora_ranks"):
+        facts.append(f"LoRA ranks: {tags['lora_ranks']}; ‖Δ − BA‖/‖Δ‖ {tags.get('lora_error', '?')}")
     lines += ["", "**Facts**", "", *[f"- {f}" for f in facts]]
     lines.append(
         f"- artifact: `{tags.get('artifact_uri', '?')}` (manifest sha256 `{tags.get('manifest_sha256', '?')[:16]}…`)"
@@ -107,6 +118,8 @@ def describe(name: str, tags: dict[str, str], related: Related = Related(), vers
 def _use(reference: str, tags: dict[str, str]) -> str:
     """How a later version used this one (named `reference` in its tags), in a few words."""
     release = tags.get("base_version", "?")
+    if tags.get("source_diff") == reference:
+        return f"its LoRA adapter form for release {release} ({tags.get('lora_ranks', '?')})"
     if tags.get("source_ft") == reference:
         return f"the Δ extracted from it (release {release})"
     if tags.get("cycle_parent_diff") == reference:
@@ -125,6 +138,8 @@ def _use_of_base(tags: dict[str, str]) -> str:
     kind, role = tags.get("kind"), tags.get("role")
     if kind == "diff":
         return f"the Δ extracted on it, from {tags.get('source_ft', '?')}"
+    if kind == "lora":
+        return f"a LoRA adapter for it, from Δ {tags.get('source_diff', '?')}"
     if kind == "merged" and tags.get("transfer"):
         return f"{tags['transfer']}: it + Δ {tags.get('parent_diff', '?')}, no training"
     if kind == "merged":
@@ -140,7 +155,7 @@ def users_of(
     reference: str, candidates: Iterable[tuple[str, dict[str, str]]]
 ) -> tuple[tuple[str, dict[str, str]], ...]:
     """The versions among `candidates` that name `reference` as their Δ, merged start, source or parent."""
-    tags_naming = ("parent_diff", "cycle_parent_diff", "source_ft", "source_merged")
+    tags_naming = ("parent_diff", "cycle_parent_diff", "source_ft", "source_merged", "source_diff")
     return tuple(
         (ref, tags) for ref, tags in candidates if any(tags.get(t) == reference for t in tags_naming)
     )
@@ -178,7 +193,7 @@ def related_of(
         )
     elif reference:
         found_by = {}
-        for tag in ("parent_diff", "cycle_parent_diff", "source_ft", "source_merged"):
+        for tag in ("parent_diff", "cycle_parent_diff", "source_ft", "source_merged", "source_diff"):
             for mv in registry.search(f"tags.{tag} = '{reference}'"):
                 found_by[f"{mv.name}/{mv.version}"] = dict(mv.tags)
         used_by = users_of(
@@ -198,7 +213,7 @@ def refresh(registry: Registry, reference: str) -> None:
 
 def refresh_lineage_of(registry: Registry, tags: dict[str, str]) -> None:
     """After a version is registered, the versions it names gain a forward link to it."""
-    for tag in ("parent_diff", "cycle_parent_diff", "source_ft", "source_merged"):
+    for tag in ("parent_diff", "cycle_parent_diff", "source_ft", "source_merged", "source_diff"):
         if ref := tags.get(tag):
             refresh(registry, ref)
     if tags.get("kind") != "base" and tags.get("family") and tags.get("base_version"):

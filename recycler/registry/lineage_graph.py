@@ -14,7 +14,7 @@ import subprocess
 
 from recycler.registry.lineage import LineageNode
 
-COLOURS = {"base": "#dde8f5", "ft": "#dff2df", "diff": "#fde9cf", "merged": "#eadff5"}
+COLOURS = {"base": "#dde8f5", "ft": "#dff2df", "diff": "#fde9cf", "merged": "#eadff5", "lora": "#f5dfe6"}
 WALK_NOTES = {"shown above", "…"}  # artefacts of walking a DAG as a tree, not facts about a version
 
 

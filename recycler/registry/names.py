@@ -7,6 +7,7 @@ variant `math`):
     {family}-{variant}-ft      fine-tunes
     {family}-{variant}-diff    Δ = fine-tuned − base, extracted from an ft version
     {family}-{variant}-merged  base + Δ (a recycled or backported model)
+    {family}-{variant}-lora    a Δ in PEFT LoRA adapter form, for the base it was made for
 
 Aliases: `next-diff` on the diff model (the Δ the next cycle applies), `champion` and
 `approved-<base_version>` (the fine-tune the gate promoted on that release) on the ft model.
@@ -28,8 +29,14 @@ from recycler.errors import RegistryError
 from recycler.io.manifest import HEX64
 from recycler.store.artifact import ArtifactRef
 
-KINDS = ("base", "diff", "ft", "merged")
-ARTIFACT_KINDS = {"base": ("base", "model"), "diff": ("diff",), "ft": ("model",), "merged": ("model",)}
+KINDS = ("base", "diff", "ft", "merged", "lora")
+ARTIFACT_KINDS = {
+    "base": ("base", "model"),
+    "diff": ("diff",),
+    "ft": ("model",),
+    "merged": ("model",),
+    "lora": ("adapter",),
+}
 NEXT_DIFF, CHAMPION = "next-diff", "champion"
 LOCK_PREFIX = "_recycler-lock-"
 PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -41,22 +48,23 @@ METRIC = re.compile(r"^[A-Za-z0-9_.\-/]{1,100}$")
 # and never change; lineage tags hold `name/version` references; status tags are set as a cycle runs.
 TAGS: dict[str, str] = {
     # identity
-    "kind": "base, ft, diff or merged (the registered model's kind)",
+    "kind": "base, ft, diff, merged or lora (the registered model's kind)",
     "family": "model family, e.g. `llama-3-8b`",
     "variant": "fine-tuned variant, e.g. `instruct` (empty on bases)",
     "base_version": "the base release this version belongs to (for a Δ: the base it was extracted against)",
     "manifest_sha256": "sha256 of the artifact's manifest.json: its address and the deduplication key",
     "artifact_uri": "where the weights are (s3://…/<kind>/<digest> or a local store path)",
-    "artifact_kind": "artifact store kind: base, model or diff",
+    "artifact_kind": "artifact store kind: base, model, diff or adapter",
     "release_fingerprint": "content fingerprint of the base release the cycle processed (a re-published version differs)",
     # lineage (references `name/version`)
     "parent_diff": "the Δ this model started from (M_i + Δ): on merged models and recycled fine-tunes",
     "source_ft": "on a Δ: the fine-tune it was extracted from (Δ = source_ft − base)",
     "source_merged": "on a recycled fine-tune: the merged start M_i + Δ it was trained from",
     "cycle_parent_diff": "on a Δ: the Δ the cycle that produced it applied (the chain of Δ^iter)",
+    "source_diff": "on a LoRA adapter: the exact Δ it is the low-rank form of",
     "diff_mode": "on a Δ: iterative (Δ^iter, from the recycled fine-tune) or direct (Δ^dir, from FT(M_i))",
-    "role": "on a fine-tune: ft (first cycle), recycled-ft (FT(M_i + Δ)) or ft-from-base (the FT(M_i) baseline)",
-    "transfer": "on a merged model made by hand: backport or recycle",
+    "role": "on a fine-tune: ft (first cycle), adopted (the spec's initial_finetune, first cycle), recycled-ft (FT(M_i + Δ)) or ft-from-base (the FT(M_i) baseline)",
+    "transfer": "on a merged model or adapter made by hand: backport or recycle",
     "diff_base_version": "on a backported/recycled model: the base release the applied Δ came from",
     "run_id": "the MLflow run that produced the version",
     # status
@@ -68,9 +76,12 @@ TAGS: dict[str, str] = {
     "eval_provenance": "digest of what the score measured: the task file's content and the evaluation settings",
     "eval_outcomes": "per-example results (1 = correct, task order): zlib-compressed bits, base64",
     "eval_n": "number of examples the score was measured on",
+    "adapter": "on a Δ: its LoRA adapter form (`{family}-{variant}-lora/N`), scored next to it",
+    "lora_ranks": "on a LoRA adapter: how its ranks were chosen and the range they took, e.g. `rank 16` or `energy 0.99: 3-12`",
+    "lora_error": "on a LoRA adapter: ‖Δ − BA‖/‖Δ‖ over every tensor of its Δ (what the low rank cost)",
     "eval.<metric>": "evaluation score of this version on the family's task, e.g. eval.accuracy",
 }
-REF_TAGS = ("source_ft", "parent_diff", "source_merged", "cycle_parent_diff")
+REF_TAGS = ("source_ft", "parent_diff", "source_merged", "cycle_parent_diff", "source_diff")
 IDENTITY_TAGS = (
     "kind",
     "family",
@@ -82,7 +93,17 @@ IDENTITY_TAGS = (
     "release_fingerprint",
 )
 EVAL_TAGS = ("eval_provenance", "eval_outcomes", "eval_n")
-STATUS_TAGS = ("gate", "gate_champion_before", "gate_champion", "gate_evidence", "cycle_status", *EVAL_TAGS)
+STATUS_TAGS = (
+    "gate",
+    "gate_champion_before",
+    "gate_champion",
+    "gate_evidence",
+    "cycle_status",
+    "adapter",
+    "lora_ranks",
+    "lora_error",
+    *EVAL_TAGS,
+)
 
 
 @dataclass(frozen=True)
@@ -93,8 +114,9 @@ class Lineage:
     source_ft: str | None = None
     source_merged: str | None = None
     cycle_parent_diff: str | None = None
+    source_diff: str | None = None
     diff_mode: Literal["iterative", "direct"] | None = None
-    role: Literal["ft", "recycled-ft", "ft-from-base"] | None = None
+    role: Literal["ft", "adopted", "recycled-ft", "ft-from-base"] | None = None
     transfer: Literal["backport", "recycle"] | None = None
     diff_base_version: str | None = None
     run_id: str | None = None

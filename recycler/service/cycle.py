@@ -20,8 +20,10 @@ from pydantic import BaseModel
 
 from recycler.crashpoints import crash_point
 from recycler.errors import ChainBlocked, GateRefused
-from recycler.registry.names import RegisteredVersion
+from recycler.registry.names import Lineage, RegisteredVersion
 from recycler.service import steps
+from recycler.service.adapters import publish_adapter
+from recycler.service.adopt import adopt_step
 from recycler.service.chain import ChainTurn, mark_complete
 from recycler.service.promotion import promote, register_cycle
 from recycler.service.services import Services
@@ -207,6 +209,12 @@ class _Cycle:
         # 8. register the merged start, the fine-tune(s) and Δ_i with lineage; 9. promote if the gate says so
         turn.check()
         registered = run("register cycle", register_cycle, svc, spec, ws, prev, decision, evidence, delta, self.run_id, record, baseline, release, champ_v)  # fmt: skip
+        if spec.adapter is not None:  # Δ_i's adapter form too, scored next to it (before the cycle completes)
+            registered["lora"], evidence["lora"] = publish_adapter(
+                svc, run, delta_v=registered["diff"], delta=delta, base=base, folder=ws.lora, form=spec.adapter,
+                evaluation=spec.evaluation, evals=ws.evals, lineage=Lineage(run_id=self.run_id),
+                release_fingerprint=release.fingerprint, parent_run=self.run_id,
+            )  # fmt: skip
         turn.check()
         run("promote", promote, svc, spec, release, decision, registered, champ_v, prev)
         scores = {k: e.score for k, e in evidence.items()}
@@ -269,10 +277,13 @@ class _Cycle:
 
     def finetune(self, base: Path, start: Path, evidence: dict[str, Evidence]) -> tuple[dict, dict | None]:
         run, spec, ws, first = self.run, self.spec, self.ws, self.prev is None
-        label = "finetune from base" if first else "finetune from M+Δ"
-        record = run(
-            label, steps.finetune_step, self.svc, start, ws.ft, spec, role="ft", parent_run=self.run_id
-        )
+        if first and spec.initial_finetune is not None:  # the family's existing fine-tune is M*_1
+            record = run(
+                f"adopt {spec.initial_finetune.name}", adopt_step, base, spec.initial_finetune, ws.ft, spec
+            )
+        else:
+            label = "finetune from base" if first else "finetune from M+Δ"
+            record = run(label, steps.finetune_step, self.svc, start, ws.ft, spec, role="ft", parent_run=self.run_id)  # fmt: skip
         evidence["ft"] = self.evaluate("evaluate fine-tune", ws.ft, "ft")
         if not spec.baseline or first:  # on the first cycle FT(M_1) *is* the fine-tune
             return record, None

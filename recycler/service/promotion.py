@@ -55,7 +55,7 @@ def register_cycle(
             svc, ws.merged, "merged", fam, var, version, lineage=lineage, score=evidence["merged"]
         )
     lineage = Lineage(
-        parent_diff=parent, source_merged=merged.reference if merged else None, role="recycled-ft" if prev else "ft",
+        parent_diff=parent, source_merged=merged.reference if merged else None, role="recycled-ft" if prev else "adopted" if record.get("adopted") else "ft",
         run_id=record.get("mlflow_run_id") or run_id,
     )  # fmt: skip
     ft_status = gate if decision.candidate == "ft" else other

@@ -43,6 +43,27 @@ class EvalSettings(EvalOptions):
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class AdapterForm(BaseModel):
+    """How a Δ becomes a PEFT LoRA adapter (`recycler.stages.to_lora`): a fixed rank, or per module the
+    smallest rank keeping a share of ‖Δ‖²."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rank: int | None = Field(None, ge=1, description="the same rank for every module")
+    energy: float | None = Field(
+        None, gt=0, le=1, description="per module, the smallest rank keeping this share of ‖Δ‖² (e.g. 0.99)"
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> AdapterForm:
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("give exactly one of rank and energy")
+        return self
+
+    def label(self) -> str:
+        return f"rank {self.rank}" if self.rank is not None else f"energy {self.energy:g}"
+
+
 class CycleSpec(BaseModel):
     """What a family's release cycle needs besides the release itself."""
 
@@ -60,6 +81,11 @@ class CycleSpec(BaseModel):
     )
     finetune: FinetuneConfig = Field(
         FinetuneConfig(), description="fine-tuning options (recycler finetune's config; the paper's defaults)"
+    )
+    initial_finetune: Path | None = Field(
+        None,
+        description="an existing fine-tune of the first release (full checkpoint or PEFT LoRA adapter): the "
+        "first cycle adopts it instead of fine-tuning, and later releases recycle its Δ",
     )
     mode: Literal["iterative", "direct"] = Field(
         "iterative",
@@ -98,6 +124,11 @@ class CycleSpec(BaseModel):
         None, description="stop the cycle before fine-tuning when the pre-check scores below this"
     )
 
+    adapter: AdapterForm | None = Field(
+        None,
+        description="also publish each cycle's Δ as a PEFT LoRA adapter for its base ({rank: 16} or "
+        "{energy: 0.99}), registered as {family}-{variant}-lora, linked to its Δ and scored next to it",
+    )
     on_republish: Literal["new-cycle", "refuse"] = Field(
         "new-cycle",
         description="a version re-published with other content: run a new cycle for it (if no newer release "
@@ -175,7 +206,7 @@ def load_spec(path: Path) -> CycleSpec:
     def absolute(p: object) -> object:
         return str((here / p).resolve()) if isinstance(p, str) and not Path(p).is_absolute() else p
 
-    for key in ("train", "precheck_sample"):
+    for key in ("train", "precheck_sample", "initial_finetune"):
         if key in values:
             values[key] = absolute(values[key])
     if isinstance(values.get("evaluation"), dict) and "task" in values["evaluation"]:

@@ -341,7 +341,7 @@ def publish_and_register(
 ) -> RegisteredVersion:
     """Publish `folder` to the store (files first, manifest last) and register it: both idempotent.
     A score is registered with its provenance and per-example outcomes (`eval_tags`)."""
-    store_kind = {"base": "base", "diff": "diff"}.get(kind, "model")
+    store_kind = {"base": "base", "diff": "diff", "lora": "adapter"}.get(kind, "model")
     ref = svc.store.publish(folder, store_kind)
     metrics, status = None, dict(status or {})
     if score is not None:

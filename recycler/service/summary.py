@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from recycler.service.services import Services
     from recycler.service.transfer import TransferResult
 
-ROWS = (("base", "M: the new base, untouched"), ("merged", "M + Δ, no training"), ("ft", "FT(start): the fine-tune of this cycle"), ("ft_from_base", "FT(M): the baseline, fine-tuned from the plain base"))  # fmt: skip
+ROWS = (("base", "M: the new base, untouched"), ("merged", "M + Δ, no training"), ("ft", "FT(start): the fine-tune of this cycle"), ("ft_from_base", "FT(M): the baseline, fine-tuned from the plain base"), ("lora", "M + B·A: the new Δ as a LoRA adapter"))  # fmt: skip
 
 
 def _pct(x: float | None) -> str:
@@ -42,7 +42,7 @@ def cycle_note(result: CycleResult, ui: str = "") -> str:
         lines.append(f"Start: {link.get('merged', '?')} = base + Δ {version_link(result.parent_diff, ui)}.")
     champion = "none" if result.champion_before is None else _pct(result.champion_before)
     lines += ["", f"**Gate: {verdict(result)}** ({result.gate}; champion before: {champion})", "", "| model | accuracy | version |", "|---|---|---|"]  # fmt: skip
-    version_of = {"base": "base", "merged": "merged", "ft": "ft", "ft_from_base": "baseline"}
+    version_of = {"base": "base", "merged": "merged", "ft": "ft", "ft_from_base": "baseline", "lora": "lora"}
     for key, label in ROWS:
         if key in result.scores:
             lines.append(
@@ -69,12 +69,13 @@ def verdict(result: CycleResult) -> str:
 def transfer_note(result: TransferResult, ui: str = "") -> str:
     """The Markdown description of a backport's or recycle's run."""
     gain = result.scores["merged"] - result.scores["base"]
+    applied = "base + B·A (LoRA adapter of α·Δ)" if result.output == "adapter" else "base + α·Δ"
     return "\n".join([
         f"**{result.how.capitalize()}** of Δ {version_link(result.diff, ui)} onto base "
         f"{version_link(result.base, ui)} (release {result.target}), α = {result.alpha:g}, no training.",
         "", "| model | accuracy |", "|---|---|",
         f"| base {result.target} | {_pct(result.scores['base'])} |",
-        f"| base + α·Δ: {version_link(result.registered, ui)} | {_pct(result.scores['merged'])} ({100 * gain:+.1f} points) |",
+        f"| {applied}: {version_link(result.registered, ui)} | {_pct(result.scores['merged'])} ({100 * gain:+.1f} points) |",
     ]) + "\n"  # fmt: skip
 
 
@@ -83,7 +84,13 @@ def scores_figure(result: CycleResult) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    labels = {"base": "M", "merged": "M + Δ\n(no training)", "ft": "FT(start)", "ft_from_base": "FT(M)"}
+    labels = {
+        "base": "M",
+        "merged": "M + Δ\n(no training)",
+        "ft": "FT(start)",
+        "ft_from_base": "FT(M)",
+        "lora": "M + B·A\n(adapter)",
+    }
     keys = [k for k in labels if k in result.scores]
     fig = Figure(figsize=(6, 3.6))
     FigureCanvasAgg(fig)
@@ -91,7 +98,10 @@ def scores_figure(result: CycleResult) -> Figure:
     bars = ax.bar(
         [labels[k] for k in keys],
         [100 * result.scores[k] for k in keys],
-        color=["#9aa", "#e9a545", "#4a8", "#68c"][: len(keys)],
+        color=[
+            {"base": "#9aa", "merged": "#e9a545", "ft": "#4a8", "ft_from_base": "#68c", "lora": "#c68"}[k]
+            for k in keys
+        ],
     )
     ax.bar_label(bars, fmt="%.1f%%")
     ax.set(

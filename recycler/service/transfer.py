@@ -21,15 +21,17 @@ from pydantic import BaseModel, ConfigDict
 from recycler.errors import InvalidConfig, InvalidReleaseId, RecyclerError
 from recycler.registry.names import Lineage, RegisteredVersion
 from recycler.service import steps
+from recycler.service.adapters import publish_adapter
 from recycler.service.cycle import StepRunner, run_locally
 from recycler.service.services import Services
-from recycler.service.spec import CycleSpec, EvalSettings
+from recycler.service.spec import AdapterForm, CycleSpec, EvalSettings
 from recycler.service.summary import log_transfer
 from recycler.service.workspace import Workspace
 from recycler.stages.gate import Evidence
 from recycler.store.releases import check_id, check_version
 
 How = Literal["backport", "recycle"]
+Output = Literal["merged", "adapter"]
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +44,8 @@ class TransferRequest(BaseModel):
     variant: str = "instruct"
     evaluation: EvalSettings
     alpha: float = 1.0
+    output: Output = "merged"
+    adapter: AdapterForm | None = None  # with output "adapter": its rank or energy
 
     @classmethod
     def of(
@@ -52,8 +56,11 @@ class TransferRequest(BaseModel):
         variant: str | None = None,
         evaluation: EvalSettings | None = None,
         alpha: float | None = None,
+        output: Output = "merged",
+        adapter: AdapterForm | None = None,
     ) -> TransferRequest:
-        """The spec's settings, each overridden by an explicit value."""
+        """The spec's settings, each overridden by an explicit value. An adapter output takes its rank
+        or energy from `adapter`, else from the spec's `adapter:`."""
         family = family or (spec.family if spec else None)
         evaluation = evaluation or (spec.evaluation if spec else None)
         if family is None or evaluation is None:
@@ -63,9 +70,15 @@ class TransferRequest(BaseModel):
             )
         variant = variant or (spec.variant if spec else "instruct")
         alpha = alpha if alpha is not None else (spec.alpha if spec else 1.0)
+        adapter = adapter or (spec.adapter if spec else None)
+        if output == "adapter" and adapter is None:
+            raise InvalidConfig(
+                "an adapter output needs its rank or energy: --rank R or --energy E (or the spec's `adapter:`)"
+            )
         return cls(
-            family=check_id(family), variant=check_id(variant, "variant"), evaluation=evaluation, alpha=alpha
-        )
+            family=check_id(family), variant=check_id(variant, "variant"), evaluation=evaluation,
+            alpha=alpha, output=output, adapter=adapter if output == "adapter" else None,
+        )  # fmt: skip
 
 
 class TransferResult(BaseModel):
@@ -76,8 +89,9 @@ class TransferResult(BaseModel):
     target: str
     base: str
     alpha: float
-    scores: dict[str, float]
+    scores: dict[str, float]  # "base", and "merged": the base with α·Δ applied (as B·A for an adapter)
     registered: str
+    output: Output = "merged"
     run_id: str | None = None
 
 
@@ -106,9 +120,11 @@ def run_transfer(
         raise InvalidReleaseId(
             f"base {target_version!r} of {family!r} is not registered; run its cycle first"
         )
-    key = _content_key(delta_v.digest, base_v.digest, request.alpha)
+    form = request.adapter.model_dump() if request.adapter else None
+    key = _content_key(delta_v.digest, base_v.digest, request.alpha, form)
     params = {"how": how, "diff": delta_v.reference, "target": target_version, "base": base_v.reference,
-              "family": family, "variant": variant, "alpha": request.alpha}  # fmt: skip
+              "family": family, "variant": variant, "alpha": request.alpha, "output": request.output,
+              **({"adapter": request.adapter.label()} if request.adapter else {})}  # fmt: skip
     name = f"{how} {delta_v.reference} → {target_version}"
     key_of_run = f"{how}/{family}/{variant}/{target_version}/{key}"
     with keyed_run(key_of_run, name, params, tag=TRANSFER_TAG, settings=svc.settings) as run_id:
@@ -136,16 +152,26 @@ class _Transfer:
         base = run(f"fetch base {target}", steps.fetch_verified, svc.store, base_v.artifact, ws.root / "base-fetched")  # fmt: skip
         fetched = ws.root / f"diff-{delta_v.digest[:16]}"
         diff = run(f"fetch Δ {delta_v.reference}", steps.fetch_verified, svc.store, delta_v.artifact, fetched)
-        apply = f"apply Δ {delta_v.reference} to base {target}"
-        out = run(apply, steps.apply_step, base, diff, ws.transfer(how, key), req.alpha, parent_run=self.run_id, name=apply)  # fmt: skip
-        evidence = {"base": self.evaluate(f"evaluate base {target}", base, "base"),
-                    "merged": self.evaluate(f"evaluate {how}", out, how)}  # fmt: skip
+        evidence = {"base": self.evaluate(f"evaluate base {target}", base, "base")}
+        if req.adapter is not None:  # α·Δ as a LoRA adapter for this base
+            lineage = Lineage(
+                transfer=how, diff_base_version=delta_v.tags.get("base_version"), run_id=self.run_id
+            )
+            registered, evidence["merged"] = publish_adapter(
+                svc, run, delta_v=delta_v, delta=diff, base=base, folder=ws.root / f"{how}-lora-{key}",
+                form=req.adapter, evaluation=req.evaluation, evals=ws.evals, lineage=lineage, scale=req.alpha,
+                release_fingerprint=base_v.fingerprint, parent_run=self.run_id,
+            )  # fmt: skip
+        else:
+            apply = f"apply Δ {delta_v.reference} to base {target}"
+            out = run(apply, steps.apply_step, base, diff, ws.transfer(how, key), req.alpha, parent_run=self.run_id, name=apply)  # fmt: skip
+            evidence["merged"] = self.evaluate(f"evaluate {how}", out, how)
+            lineage = Lineage(parent_diff=delta_v.reference, transfer=how, diff_base_version=delta_v.tags.get("base_version"), run_id=self.run_id)  # fmt: skip
+            registered = run(f"register {how}", steps.publish_and_register, svc, out, "merged", req.family, req.variant,
+                             target, lineage=lineage, score=evidence["merged"])  # fmt: skip
         scores = {k: e.score for k, e in evidence.items()}
-        lineage = Lineage(parent_diff=delta_v.reference, transfer=how, diff_base_version=delta_v.tags.get("base_version"), run_id=self.run_id)  # fmt: skip
-        merged_v = run(f"register {how}", steps.publish_and_register, svc, out, "merged", req.family, req.variant,
-                       target, lineage=lineage, score=evidence["merged"])  # fmt: skip
         return TransferResult(how=how, diff=delta_v.reference, target=target, base=base_v.reference, alpha=req.alpha,
-                              scores=scores, registered=merged_v.reference, run_id=self.run_id)  # fmt: skip
+                              scores=scores, registered=registered.reference, output=req.output, run_id=self.run_id)  # fmt: skip
 
     def evaluate(self, label: str, model: Path, name: str) -> Evidence:
         ev, evals = self.request.evaluation, self.ws.evals
@@ -154,7 +180,11 @@ class _Transfer:
         )
 
 
-def _content_key(delta_digest: str, base_digest: str, alpha: float) -> str:
-    """A name for the output folder from everything that determines its bytes."""
-    inputs = json.dumps({"delta": delta_digest, "base": base_digest, "alpha": alpha}, sort_keys=True)
+def _content_key(delta_digest: str, base_digest: str, alpha: float, adapter: dict | None = None) -> str:
+    """A name for the output folder from everything that determines its bytes (an adapter output's
+    form included; a merged output's key is what it was before adapters existed)."""
+    body = {"delta": delta_digest, "base": base_digest, "alpha": alpha} | (
+        {"adapter": adapter} if adapter else {}
+    )
+    inputs = json.dumps(body, sort_keys=True)
     return hashlib.sha256(inputs.encode()).hexdigest()[:16]

@@ -61,6 +61,11 @@ class Workspace:
         return self.root / "delta"
 
     @property
+    def lora(self) -> Path:
+        """Δ_i as a LoRA adapter for this base (the spec's `adapter:` option)."""
+        return self.root / "lora"
+
+    @property
     def evals(self) -> Path:
         return self.root / "evals"
 

@@ -56,9 +56,11 @@ def delta_to_lora(
     inputs: list[Path] = (),
     provenance: dict | None = None,
     overwrite: bool = False,
+    scale: float = 1.0,
 ) -> LoraResult:
     """Write the adapter of `delta` to `out` (atomically). `target`: the base it will load on, whose
-    shapes are checked first (IncompatibleCheckpoints). Exactly one of `rank` and `energy`."""
+    shapes are checked first (IncompatibleCheckpoints). Exactly one of `rank` and `energy`. `scale`: the
+    adapter of scale·Δ (a transfer at α ≠ 1); its errors are relative to scale·Δ."""
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of --rank and --energy")
     if rank is not None and rank < 1:
@@ -72,6 +74,8 @@ def delta_to_lora(
         make = delta.open(chunks)
         for name, spec in specs.items():
             d = _read(make(name), tuple(spec.shape), chunks)
+            if scale != 1.0:
+                d = d * np.float32(scale)
             sq = sumsq(d)
             if not adaptable(name, tuple(spec.shape)):
                 if sq > 0:
@@ -99,7 +103,8 @@ def delta_to_lora(
     kept_sq, err_sq, lost = sums["total"][0], sums["total"][1], sum(dropped.values())
     body = {
         "kind": "adapter",
-        "method": {"rank": rank} if rank is not None else {"energy": energy},
+        "method": ({"rank": rank} if rank is not None else {"energy": energy})
+        | ({"scale": scale} if scale != 1.0 else {}),
         "base_model_name_or_path": base_name,
         "ranks": {"min": min(ranks.values()), "max": max(ranks.values()), "modules": len(ranks)},
         "relative_error": {fam: math.sqrt(e / d) if d else 0.0 for fam, (d, e) in sorted(sums.items())},

@@ -36,8 +36,13 @@ from recycler.io.manifest import (
     write_manifest,
 )
 
-KINDS = ("base", "diff", "model")
-MANIFEST_KIND = {"base": "model", "diff": "diff", "model": "model"}  # store kind → manifest "kind"
+KINDS = ("base", "diff", "model", "adapter")
+MANIFEST_KIND = {
+    "base": "model",
+    "diff": "diff",
+    "model": "model",
+    "adapter": "adapter",
+}  # store kind → manifest "kind"
 Progress = Callable[[int], None] | None
 
 
