@@ -115,6 +115,14 @@ def backport_command(
     alpha: Annotated[
         float | None, typer.Option("--alpha", help="Scale of Δ (default: the spec's, else 1).")
     ] = None,
+    add: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--add",
+            help="A further registered Δ added in the same pass, NAME/VERSION[=ALPHA] (repeatable): "
+            "base + α·DIFF + Σ α_i·Δ_i, rounded once; every Δ and α go into the lineage (composed_of).",
+        ),
+    ] = None,
     output: Annotated[
         str,
         typer.Option(
@@ -148,6 +156,12 @@ def backport_command(
         raise typer.BadParameter("--rank and --energy go with --output adapter")
     family_spec = load_spec(spec) if spec else None
     evaluation = EvalSettings(task=task) if task else None
+    from recycler.service.composition import ComposedPart
+
+    try:
+        parts = tuple(ComposedPart.parse(a) for a in add or ())
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     if rank is not None and energy is not None:
         raise typer.BadParameter("give one of --rank and --energy, not both")
     form = AdapterForm(rank=rank, energy=energy) if rank is not None or energy is not None else None
@@ -159,6 +173,7 @@ def backport_command(
         alpha=alpha,
         output=output,
         adapter=form,
+        add=parts,
     )
     _prefect_defaults()
     from recycler_flows.transfer import backport
@@ -173,6 +188,7 @@ def backport_command(
             alpha=request.alpha,
             output=request.output,
             adapter=request.adapter,
+            add=list(request.add),
         )
     )
 

@@ -10,6 +10,7 @@ from prefect import Flow, flow
 from prefect.runtime import flow_run
 from recycler_flows.tasks import library_logs, prefect_step, summary_artifact
 
+from recycler.service.composition import ComposedPart
 from recycler.service.spec import AdapterForm, CycleSpec, EvalSettings
 from recycler.service.summary import transfer_note
 from recycler.service.transfer import How, Output, TransferRequest, run_transfer
@@ -25,7 +26,8 @@ either `spec` (the family's CycleSpec: family, variant, evaluation and alpha com
 `variant` and `evaluation` ({task, limit, extract, max_new_tokens, batch_size, normalize, chat}, the
 names of `recycler evaluate`'s options); `alpha` overrides the spec's scale of Δ. `output`: `merged` (a
 model) or `adapter` (α·Δ as a PEFT LoRA adapter for the target base, registered as
-`{family}-{variant}-lora`), with `adapter` = {rank: R} or {energy: E} (default: the spec's `adapter:`)."""
+`{family}-{variant}-lora`), with `adapter` = {rank: R} or {energy: E} (default: the spec's `adapter:`).
+`add`: further Δs, [{diff, alpha}, …], summed in the same pass (merged output; lineage tag `composed_of`)."""
 
 
 def transfer_flow(how: How) -> Flow:
@@ -39,6 +41,7 @@ def transfer_flow(how: How) -> Flow:
         alpha: float | None = None,
         output: Output = "merged",
         adapter: AdapterForm | None = None,
+        add: list[ComposedPart] | None = None,
     ) -> dict[str, Any]:
         request = TransferRequest.of(
             spec,
@@ -48,6 +51,7 @@ def transfer_flow(how: How) -> Flow:
             alpha=alpha,
             output=output,
             adapter=adapter,
+            add=tuple(add or ()),
         )
         with library_logs():
             result = run_transfer(how, diff, target_version, request, run=prefect_step)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from recycler.redact import redact
 from recycler.registry.links import model_link, run_link, version_link
+from recycler.registry.names import parse_composed_of
 
 if TYPE_CHECKING:
     from recycler.registry.client import Registry
@@ -56,7 +57,10 @@ def headline(tags: dict[str, str], related: Related) -> str:
     if kind == "merged":
         if how := tags.get("transfer"):
             source = f" (from release {tags['diff_base_version']})" if tags.get("diff_base_version") else ""
-            return f"{how[0].upper()}{how[1:]}: Δ {tags.get('parent_diff', '?')}{source} added to {on}, no training."
+            what = f"Δ {tags.get('parent_diff', '?')}{source}"
+            if parts := parse_composed_of(tags.get("composed_of", "")):
+                what = "Δs " + " + ".join(f"{a:g}·{r}" for r, a in parts)
+            return f"{how[0].upper()}{how[1:]}: {what} added to {on}, no training."
         return f"Cycle start for release {release}: {base} + Δ {tags.get('parent_diff', '?')}, no training."
     role = tags.get("role")
     if role == "ft-from-base":
@@ -83,6 +87,8 @@ def describe(name: str, tags: dict[str, str], related: Related = Related(), vers
     ):
         if ref := tags.get(tag):
             lines.append(f"- {label}: {version_link(ref)}")
+    for ref, alpha in parse_composed_of(tags.get("composed_of", ""))[1:]:
+        lines.append(f"- Δ also added: {version_link(ref)} (α {alpha:g})")
     if related.run:
         experiment, run_id, run_name = related.run
         lines.append(f"- made by run: {run_link(experiment, run_id, run_name or run_id[:8])}")

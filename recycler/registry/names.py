@@ -65,6 +65,7 @@ TAGS: dict[str, str] = {
     "diff_mode": "on a Δ: iterative (Δ^iter, from the recycled fine-tune) or direct (Δ^dir, from FT(M_i))",
     "role": "on a fine-tune: ft (first cycle), adopted (the spec's initial_finetune, first cycle), recycled-ft (FT(M_i + Δ)) or ft-from-base (the FT(M_i) baseline)",
     "transfer": "on a merged model or adapter made by hand: backport or recycle",
+    "composed_of": "on a merged model made from several Δs: every Δ and its α (`name/version×α; …`), in the order summed",
     "diff_base_version": "on a backported/recycled model: the base release the applied Δ came from",
     "run_id": "the MLflow run that produced the version",
     # status
@@ -94,6 +95,7 @@ IDENTITY_TAGS = (
 )
 EVAL_TAGS = ("eval_provenance", "eval_outcomes", "eval_n")
 STATUS_TAGS = (
+    "composed_of",
     "gate",
     "gate_champion_before",
     "gate_champion",
@@ -245,3 +247,17 @@ def version_tags(
             raise RegistryError(f"status tag {key!r} would overwrite a recycler tag")
         tags[check_tag(key)] = str(value)
     return {k: v for k, v in tags.items() if v}
+
+
+def composed_of(refs: list[str], alphas: list[float]) -> str:
+    """The `composed_of` tag: every Δ and its α, in the order they are summed."""
+    return "; ".join(f"{r}×{a:g}" for r, a in zip(refs, alphas, strict=True))
+
+
+def parse_composed_of(tag: str) -> list[tuple[str, float]]:
+    """The `composed_of` tag read back as (reference, α) pairs."""
+    pairs = []
+    for part in filter(None, (p.strip() for p in tag.split(";"))):
+        ref, _, alpha = part.rpartition("×")
+        pairs.append((ref, float(alpha)))
+    return pairs

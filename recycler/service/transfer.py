@@ -19,9 +19,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from recycler.errors import InvalidConfig, InvalidReleaseId, RecyclerError
-from recycler.registry.names import Lineage, RegisteredVersion
+from recycler.registry.names import Lineage, RegisteredVersion, composed_of
 from recycler.service import steps
 from recycler.service.adapters import publish_adapter
+from recycler.service.composition import ComposedPart, compose_step
 from recycler.service.cycle import StepRunner, run_locally
 from recycler.service.services import Services
 from recycler.service.spec import AdapterForm, CycleSpec, EvalSettings
@@ -46,6 +47,7 @@ class TransferRequest(BaseModel):
     alpha: float = 1.0
     output: Output = "merged"
     adapter: AdapterForm | None = None  # with output "adapter": its rank or energy
+    add: tuple[ComposedPart, ...] = ()  # further Δs summed in the same pass (merged output only)
 
     @classmethod
     def of(
@@ -58,6 +60,7 @@ class TransferRequest(BaseModel):
         alpha: float | None = None,
         output: Output = "merged",
         adapter: AdapterForm | None = None,
+        add: tuple[ComposedPart, ...] = (),
     ) -> TransferRequest:
         """The spec's settings, each overridden by an explicit value. An adapter output takes its rank
         or energy from `adapter`, else from the spec's `adapter:`."""
@@ -75,9 +78,11 @@ class TransferRequest(BaseModel):
             raise InvalidConfig(
                 "an adapter output needs its rank or energy: --rank R or --energy E (or the spec's `adapter:`)"
             )
+        if add and output == "adapter":
+            raise InvalidConfig("an adapter output is made from one Δ; compose into a merged model instead")
         return cls(
             family=check_id(family), variant=check_id(variant, "variant"), evaluation=evaluation,
-            alpha=alpha, output=output, adapter=adapter if output == "adapter" else None,
+            alpha=alpha, output=output, adapter=adapter if output == "adapter" else None, add=tuple(add),
         )  # fmt: skip
 
 
@@ -120,16 +125,26 @@ def run_transfer(
         raise InvalidReleaseId(
             f"base {target_version!r} of {family!r} is not registered; run its cycle first"
         )
+    added = [run(f"resolve {p.diff}", svc.registry.resolve, p.diff) for p in request.add]
+    if bad := [
+        f"{p.diff} is a {v.kind!r} version"
+        for p, v in zip(request.add, added, strict=True)
+        if v.kind != "diff"
+    ]:
+        raise RecyclerError("; ".join(bad) + ", not a Δ")
     form = request.adapter.model_dump() if request.adapter else None
-    key = _content_key(delta_v.digest, base_v.digest, request.alpha, form)
+    extra = [(v.digest, p.alpha) for p, v in zip(request.add, added, strict=True)]
+    key = _content_key(delta_v.digest, base_v.digest, request.alpha, form, extra)
     params = {"how": how, "diff": delta_v.reference, "target": target_version, "base": base_v.reference,
               "family": family, "variant": variant, "alpha": request.alpha, "output": request.output,
-              **({"adapter": request.adapter.label()} if request.adapter else {})}  # fmt: skip
+              **({"adapter": request.adapter.label()} if request.adapter else {}),
+              **({"composed_of": composed_of([delta_v.reference] + [v.reference for v in added],
+                                             [request.alpha] + [p.alpha for p in request.add])} if added else {})}  # fmt: skip
     name = f"{how} {delta_v.reference} → {target_version}"
     key_of_run = f"{how}/{family}/{variant}/{target_version}/{key}"
     with keyed_run(key_of_run, name, params, tag=TRANSFER_TAG, settings=svc.settings) as run_id:
         t = _Transfer(how, svc, run, request, Workspace.for_release(svc.settings.home, family, variant, target_version), run_id)  # fmt: skip
-        result = t.perform(delta_v, base_v, key)
+        result = t.perform(delta_v, base_v, key, added)
         run(f"log {how}", log_transfer, svc, result)
     log.info("%s of %s onto %s: accuracy %.1f%% → %.1f%%; registered %s", how, result.diff, result.base,
              100 * result.scores["base"], 100 * result.scores["merged"], result.registered)  # fmt: skip
@@ -147,7 +162,7 @@ class _Transfer:
     ws: Workspace
     run_id: str | None
 
-    def perform(self, delta_v: RegisteredVersion, base_v: RegisteredVersion, key: str) -> TransferResult:
+    def perform(self, delta_v: RegisteredVersion, base_v: RegisteredVersion, key: str, added: list[RegisteredVersion]) -> TransferResult:  # fmt: skip
         run, svc, ws, how, req, target = self.run, self.svc, self.ws, self.how, self.request, self.ws.version
         base = run(f"fetch base {target}", steps.fetch_verified, svc.store, base_v.artifact, ws.root / "base-fetched")  # fmt: skip
         fetched = ws.root / f"diff-{delta_v.digest[:16]}"
@@ -163,12 +178,22 @@ class _Transfer:
                 release_fingerprint=base_v.fingerprint, parent_run=self.run_id,
             )  # fmt: skip
         else:
-            apply = f"apply Δ {delta_v.reference} to base {target}"
-            out = run(apply, steps.apply_step, base, diff, ws.transfer(how, key), req.alpha, parent_run=self.run_id, name=apply)  # fmt: skip
+            status = {}
+            if added:  # base + α·Δ + Σ α_i·Δ_i, rounded once
+                diffs = [diff] + [run(f"fetch Δ {v.reference}", steps.fetch_verified, svc.store, v.artifact, ws.root / f"diff-{v.digest[:16]}") for v in added]  # fmt: skip
+                alphas = [req.alpha] + [p.alpha for p in req.add]
+                status["composed_of"] = composed_of(
+                    [delta_v.reference] + [v.reference for v in added], alphas
+                )
+                label = f"compose {status['composed_of']} onto base {target}"
+                out = run(label, compose_step, base, diffs, alphas, ws.transfer(how, key), parent_run=self.run_id, name=label)  # fmt: skip
+            else:
+                apply = f"apply Δ {delta_v.reference} to base {target}"
+                out = run(apply, steps.apply_step, base, diff, ws.transfer(how, key), req.alpha, parent_run=self.run_id, name=apply)  # fmt: skip
             evidence["merged"] = self.evaluate(f"evaluate {how}", out, how)
             lineage = Lineage(parent_diff=delta_v.reference, transfer=how, diff_base_version=delta_v.tags.get("base_version"), run_id=self.run_id)  # fmt: skip
             registered = run(f"register {how}", steps.publish_and_register, svc, out, "merged", req.family, req.variant,
-                             target, lineage=lineage, score=evidence["merged"])  # fmt: skip
+                             target, lineage=lineage, score=evidence["merged"], status=status)  # fmt: skip
         scores = {k: e.score for k, e in evidence.items()}
         return TransferResult(how=how, diff=delta_v.reference, target=target, base=base_v.reference, alpha=req.alpha,
                               scores=scores, registered=registered.reference, output=req.output, run_id=self.run_id)  # fmt: skip
@@ -180,11 +205,16 @@ class _Transfer:
         )
 
 
-def _content_key(delta_digest: str, base_digest: str, alpha: float, adapter: dict | None = None) -> str:
+def _content_key(
+    delta_digest: str,
+    base_digest: str,
+    alpha: float,
+    adapter: dict | None = None,
+    added: list[tuple[str, float]] = (),
+) -> str:
     """A name for the output folder from everything that determines its bytes (an adapter output's
-    form included; a merged output's key is what it was before adapters existed)."""
-    body = {"delta": delta_digest, "base": base_digest, "alpha": alpha} | (
-        {"adapter": adapter} if adapter else {}
-    )
+    form and further Δs included; a plain merged output's key is what it was before those existed)."""
+    body = {"delta": delta_digest, "base": base_digest, "alpha": alpha}
+    body |= ({"adapter": adapter} if adapter else {}) | ({"added": [list(a) for a in added]} if added else {})
     inputs = json.dumps(body, sort_keys=True)
     return hashlib.sha256(inputs.encode()).hexdigest()[:16]
