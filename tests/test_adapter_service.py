@@ -272,3 +272,43 @@ def test_a_backport_composes_several_deltas_and_records_each_with_its_alpha(worl
     assert ComposedPart.parse("fam-inst-diff/2=0.5") == ComposedPart(diff="fam-inst-diff/2", alpha=0.5)
     with pytest.raises(ValueError, match="NAME/VERSION"):
         ComposedPart.parse("fam-inst-diff/2=half")
+
+
+def test_a_cycle_fine_tunes_with_lora_and_recycles_the_exact_merged_delta(world, tiny_releases, tmp_path):
+    """`finetune.method: lora` in a spec, with the real trainer (PEFT, a few steps on the tiny model):
+    the fine-tune published is the merged model (its adapter beside it), Δ^iter is extracted from it
+    exactly, and the next release starts from M_2 + that Δ."""
+    from recycler.registry.client import Registry
+    from recycler.service.services import InProcessTrainer, Services
+    from recycler.store import open_store
+
+    releases, settings, publish, spec = world
+    publish("v1", "v2")
+    fake = services(settings, SCORES)
+    svc = Services(
+        settings,
+        open_store(settings),
+        Registry(settings.tracking_uri),
+        InProcessTrainer(settings),
+        fake.scorer,
+    )
+    ft = {"method": "lora", "lora_r": 2, "lora_alpha": 4, "lora_target_modules": ["q_proj", "v_proj"],
+          "max_steps": 3, "batch_size": 2, "micro_batch_size": 2, "learning_rate": 1e-2, "save_every": None,
+          "eval_every": None}  # fmt: skip
+    s = spec(finetune=ft)
+    first = run_cycle("v1", str(releases), s, services=svc)
+    work = settings.home / "work" / "fam" / "inst" / "v1"
+    assert (work / "ft" / "adapter" / "adapter_config.json").is_file()
+    base, tuned = tensors(work / "base"), tensors(work / "ft")
+    moved = {n for n in base if not np.array_equal(base[n], tuned[n])}
+    assert moved and all("q_proj" in n or "v_proj" in n for n in moved)  # only the LoRA targets changed
+    d = stored_delta(work / "delta")
+    chunks = ChunkReader()
+    try:  # Δ^iter = M*_1 − M_1 exactly: base + Δ rounds back to the merged fine-tune
+        for name in moved:
+            delta = full(d.open(chunks)(name), base[name].shape).astype(np.float32)
+            assert np.array_equal(base[name] + delta, tuned[name]), name
+    finally:
+        chunks.close()
+    second = run_cycle("v2", str(releases), s, services=svc)
+    assert second.parent_diff == first.registered["diff"] and second.mode == "iterative"
