@@ -23,6 +23,7 @@ from fakes import FakeScorer, FakeTrainer, table
 from recycler.redact import key_is_secret, redact, scrub
 from recycler.registry.client import Registry
 from recycler.registry.links import EXPERIMENT_KIND
+from recycler.service.composition import ComposedPart
 from recycler.service.cycle import run_cycle
 from recycler.service.services import Services
 from recycler.service.spec import CycleSpec
@@ -38,6 +39,9 @@ SCORES = {
     ("v3", "merged"): 0.45,
     ("v3", "ft"): 0.5,  # below the champion (0.7): refused
     ("v1", "backport"): 0.3,
+    ("v1", "lora"): 0.55,
+    ("v2", "lora"): 0.6,
+    ("v3", "lora"): 0.45,
 }
 VERSION_LINK = re.compile(r"\]\(#/models/([^/?)]+)/versions/(\d+)\?workflowType=machine_learning\)")
 RUN_LINK = re.compile(r"\]\(#/experiments/(\d+)/runs/([0-9a-f]+)\?workflowType=machine_learning\)")
@@ -58,7 +62,7 @@ def story(tiny_releases, mlflow_server, moto_s3, tmp_path_factory):
     svc = Services(settings, open_store(settings), Registry(settings.tracking_uri), FakeTrainer(table(SCORES)),
                    FakeScorer(table(SCORES)))  # fmt: skip
     spec = CycleSpec(family=f"ui{tag}", variant="inst", train=tiny_releases["sample"], baseline=True,
-                     evaluation={"task": tiny_releases["sample"]}, max_relative_norm=5.0)  # fmt: skip
+                     evaluation={"task": tiny_releases["sample"]}, max_relative_norm=5.0, adapter={"rank": 2})  # fmt: skip
     releases = root / "releases"
     releases.mkdir()
     try:
@@ -67,6 +71,9 @@ def story(tiny_releases, mlflow_server, moto_s3, tmp_path_factory):
             shutil.copytree(tiny_releases[v], releases / v, copy_function=os.link)
             cycles[v] = run_cycle(v, str(releases), spec, services=svc)
         back = run_transfer("backport", f"{spec.family}-inst-diff@next-diff", "v1", TransferRequest.of(spec), services=svc)  # fmt: skip
+        add = (ComposedPart(diff=cycles["v1"].registered["diff"], alpha=0.5),)
+        composed = run_transfer("backport", f"{spec.family}-inst-diff@next-diff", "v1", TransferRequest.of(spec, add=add), services=svc)  # fmt: skip
+        cycles["composed"] = composed
     finally:
         if saved is not None:
             os.environ["RECYCLER_TRACK"] = saved
@@ -76,7 +83,7 @@ def story(tiny_releases, mlflow_server, moto_s3, tmp_path_factory):
 def described(svc: Services, family: str) -> dict[str, tuple[str, dict[str, str]]]:
     """Every registered version of the family: reference → (description, tags)."""
     out = {}
-    for kind in ("base", "ft", "diff", "merged"):
+    for kind in ("base", "ft", "diff", "merged", "lora"):
         for v in svc.registry.versions(kind, family, None if kind == "base" else "inst"):
             mv = svc.registry.client.get_model_version(v.name, v.version)
             out[v.reference] = (mv.description, dict(mv.tags))
@@ -91,8 +98,8 @@ def test_every_description_starts_plain_and_every_link_resolves(story):
     svc, spec, cycles, _back = story
     client, versions = svc.registry.client, described(svc, spec.family)
     assert (
-        len(versions) == 3 + 5 + 3 + 3
-    )  # bases; ft v1, v2 + baseline, v3 + baseline; Δ v1-v3; merged v2, v3, backport
+        len(versions) == 3 + 5 + 3 + 4 + 3
+    )  # bases; ft v1, v2 + baseline, v3 + baseline; Δ v1-v3; merged v2, v3, backport, composed; LoRA v1-v3
     links = 0
     for ref, (text, _) in versions.items():
         head = first_line(text)
@@ -123,7 +130,27 @@ def test_a_delta_links_forward_to_the_cycles_and_backport_that_used_it(story):
     for later in (cycles["v3"].registered["merged"], back.registered):
         assert f"[{later}]" in used_by(d2)
     assert "backport onto release v1" in used_by(d2)
-    assert "**Used by**" not in versions[cycles["v3"].registered["diff"]][0]  # nothing used it (yet)
+    users = used_by(cycles["v3"].registered["diff"]).split("**Facts**")[0].strip().splitlines()
+    assert len(users) == 1 and "its LoRA adapter form" in users[0]  # no cycle or backport used it (yet)
+
+
+def test_a_delta_and_its_adapter_link_each_other_and_a_composition_links_every_delta(story):
+    """Issue 20: the adapter form of each cycle's Δ, and a backport composing two Δs."""
+    svc, spec, cycles, _back = story
+    versions = described(svc, spec.family)
+    for v in ("v1", "v2", "v3"):
+        diff, lora = cycles[v].registered["diff"], cycles[v].registered["lora"]
+        lora_page, diff_page = versions[lora][0], versions[diff][0]
+        assert (
+            first_line(lora_page).startswith("LoRA adapter for ")
+            and f"low-rank form of Δ {diff}" in lora_page
+        )
+        assert f"[{diff}](#/models/" in lora_page and f"[{lora}](#/models/" in diff_page  # both ways
+        assert "its LoRA adapter form" in diff_page.split("**Used by**", 1)[1]
+    composed = versions[cycles["composed"].registered][0]
+    d1, d2 = cycles["v1"].registered["diff"], cycles["v2"].registered["diff"]
+    assert f"Δs 1·{d2} + 0.5·{d1}" in first_line(composed)
+    assert f"[{d2}](#/models/" in composed and f"[{d1}](#/models/" in composed and "(α 0.5)" in composed
 
 
 def test_a_base_links_forward_to_everything_built_on_it(story):
