@@ -306,3 +306,29 @@ def test_routes_map_sources_to_families_and_report_every_problem(tmp_path):
     with pytest.raises(InvalidConfig) as e:
         load_routes(table)
     assert "routes[0]" in str(e.value) and "missing.yaml" in str(e.value) and "routes[1]" in str(e.value)
+
+
+def test_the_shipped_trigger_routes_and_compose_service_agree():
+    """infra/prefect.yaml's watcher trigger names the event and the family of its spec; the receiver's
+    routes in infra/receiver/ load and name the watcher's source; compose wires MinIO to the receiver."""
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    infra = Path(__file__).resolve().parents[1] / "infra"
+    doc = yaml.safe_load((infra / "prefect.yaml").read_text())
+    watcher = next(d for d in doc["deployments"] if d["name"] == "watcher")
+    family = watcher["parameters"]["spec"]["family"]
+    (trigger,) = [DeploymentEventTrigger.model_validate(t) for t in watcher["triggers"]]
+    assert trigger.expect == {EVENT} and trigger.parameters == {"announced": "{{ event.payload.key }}"}
+    assert trigger.match.model_dump() == {"prefect.resource.id": f"recycler.release.{family}@*"}
+    assert (
+        watcher["schedules"][0]["interval"] > 3600
+        and watcher["concurrency_limit"]["collision_strategy"] == "ENQUEUE"
+    )
+    routes = load_routes(infra / "receiver" / "routes.yaml")
+    assert [(r.source, r.family) for r in routes.routes] == [(watcher["parameters"]["source"], family)]
+    compose = yaml.safe_load((infra / "compose.yaml").read_text())
+    minio = compose["services"]["minio"]["environment"]
+    assert minio["MINIO_NOTIFY_WEBHOOK_ENDPOINT_RECYCLER"] == "http://receiver:8470/hooks/s3"
+    receiver = compose["services"]["receiver"]
+    assert receiver["command"][:2] == ["recycler", "receive"] and "8470" in receiver["command"]
+    assert "arn:minio:sqs::RECYCLER:webhook" in compose["services"]["minio-init"]["command"][0]
