@@ -278,6 +278,11 @@ def test_a_publisher_announces_a_folder_release_it_copied(tmp_path):
         "/hooks/announce", content=dumps({"source": "/elsewhere", "version": "v1"}), headers=BEARER
     )
     assert other.json()["ignored"] == ["/elsewhere: no route (not a release source of this receiver)"]
+    hub = TestClient(Receiver(HUB_ROUTES, SECRET, emitted, not_checked).app())
+    r = hub.post(
+        "/hooks/announce", content=dumps({"source": "hf://acme/base-llm", "version": "v1"}), headers=BEARER
+    )
+    assert r.status_code == 202 and "by the Hub's webhook" in r.json()["ignored"][0] and len(emitted) == 1
 
 
 # ---- the routing table ------------------------------------------------------------------------------

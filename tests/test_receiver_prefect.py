@@ -107,7 +107,7 @@ def test_one_event_per_release_reaches_prefect_and_its_trigger_starts_one_watche
         runs = wait_for(
             "the triggered watcher run", lambda: flow_runs(client, deployment_id=deployment_id), 30
         )
-        time.sleep(5)  # time enough for a second run, if the replay or the other family started one
+        time.sleep(3)  # time enough for a second run, if the replay or the other family started one
         runs = flow_runs(client, deployment_id=deployment_id)
         assert len(runs) == 1 and runs[0].parameters["announced"] == f"evfam@v1#{SHA[:16]}"
         assert runs[0].parameters["source"] == "hf://acme/evfam"  # the deployment's own parameters kept

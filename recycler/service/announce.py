@@ -116,6 +116,8 @@ def from_request(
     routes = table.for_source(source)
     if not routes:
         return [], [f"{source}: no route (not a release source of this receiver)"]
+    if any(r.kind == "hub" for r in routes):  # a Hub ref's commit comes from the Hub's own webhook
+        return [], [f"{source}: Hub releases are announced by the Hub's webhook (/hooks/hub)"]
     return _checked({(r, version): "" for r in routes}, check, "announce", [])
 
 
