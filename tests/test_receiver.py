@@ -337,3 +337,47 @@ def test_the_shipped_trigger_routes_and_compose_service_agree():
     receiver = compose["services"]["receiver"]
     assert receiver["command"][:2] == ["recycler", "receive"] and "8470" in receiver["command"]
     assert "arn:minio:sqs::RECYCLER:webhook" in compose["services"]["minio-init"]["command"][0]
+
+
+def test_recycler_receive_serves_on_a_socket_and_refuses_to_start_without_a_secret(tmp_path):
+    """The command itself: no secret, no receiver (exit 23, saying what to set); with one, a real socket
+    on loopback: health, a refusal, and a 503 while the Prefect API is down; the secret never printed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from servers import free_port, wait_http
+
+    spec_file(tmp_path / "acme.yaml", "acme")
+    (tmp_path / "routes.yaml").write_text(yaml.safe_dump({"routes": [{"source": "hf://acme/base-llm", "spec": "acme.yaml"}]}))  # fmt: skip
+    port, down = free_port(), free_port()
+    cmd = [sys.executable, "-m", "recycler.cli", "receive", "--routes", str(tmp_path / "routes.yaml"), "--port", str(port)]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{down}/api", "PREFECT_CLIENT_MAX_RETRIES": "0"}
+    env.pop("RECYCLER_WEBHOOK_SECRET", None)
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 23 and "RECYCLER_WEBHOOK_SECRET" in refused.stdout + refused.stderr
+    log = tmp_path / "receive.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env={**env, "RECYCLER_WEBHOOK_SECRET": SECRET}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc, log, timeout=120)
+
+        def post(headers: dict) -> int:
+            body = dumps(hub_webhook(refs=[("refs/tags/v5", SHA)]))
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/hooks/hub", data=body, headers=headers, method="POST")  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert post({}) == 401
+        assert post(HUB) == 503  # the Prefect API does not answer: the Hub retries later
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert "/hooks/hub from 127.0.0.1 → 401" in text and "→ 503" in text and SECRET not in text
