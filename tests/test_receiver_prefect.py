@@ -134,7 +134,7 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_a_release_uploaded_to_s3_starts_its_cycle_through_serve_and_its_receiver(
-    prefect_api, moto_s3, tiny_releases, tmp_path, monkeypatch
+    prefect_api, moto_s3, mlflow_server, tiny_releases, tmp_path, monkeypatch
 ):
     from prefect.client.orchestration import get_client
     from recycler_flows.release import watch_releases
@@ -143,6 +143,8 @@ def test_a_release_uploaded_to_s3_starts_its_cycle_through_serve_and_its_receive
 
     env_over = {
         "RECYCLER_HOME": str(tmp_path / "home"), "RECYCLER_TRACK": "0", "RECYCLER_S3_ENDPOINT_URL": moto_s3.endpoint,
+        "RECYCLER_TRACKING_URI": mlflow_server.uri, "MLFLOW_S3_ENDPOINT_URL": moto_s3.endpoint,
+        "RECYCLER_ARTIFACT_STORE": f"s3://{moto_s3.bucket}/receiver-e2e",
         "RECYCLER_WEBHOOK_SECRET": SECRET, "PREFECT_API_URL": prefect_api, "HF_HUB_OFFLINE": "1",
         "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }  # fmt: skip
@@ -156,9 +158,6 @@ def test_a_release_uploaded_to_s3_starts_its_cycle_through_serve_and_its_receive
     spec_path = tmp_path / "e2e.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     source = f"s3://{moto_s3.bucket}/releases/e2e"
-    # the registry exists before releases arrive (its first touch creates and migrates the database)
-    warm = [sys.executable, "-m", "recycler.cli", "registry", "ls"]
-    subprocess.run(warm, env={**os.environ, **env_over}, check=True, capture_output=True, timeout=120)
     port = free_port()
     cmd = [sys.executable, "-m", "recycler.cli", "serve", source, "--spec", str(spec_path), "--receive-port", str(port), "--poll", "1"]  # fmt: skip
     log = tmp_path / "serve.log"
