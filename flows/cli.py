@@ -223,6 +223,12 @@ def receive_command(
         float, typer.Option("--rate", min=0.1, help="Requests per second per client, after --burst.")
     ] = 20.0,
     burst: Annotated[int, typer.Option("--burst", min=1, help="Requests a client may send at once.")] = 200,
+    settle: Annotated[
+        float,
+        typer.Option(
+            "--settle", min=0, help="Seconds an S3 upload must pause before its release is checked."
+        ),
+    ] = 2.0,
 ) -> None:
     """Receive release announcements and emit one Prefect event per complete release.
 
@@ -243,7 +249,9 @@ def receive_command(
     from recycler_flows.receiver import Limits, receiver_from_env
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    receiver = receiver_from_env(table, limits=Limits(max_body=max_body, per_second=rate, burst=burst))
+    receiver = receiver_from_env(
+        table, limits=Limits(max_body=max_body, per_second=rate, burst=burst, settle=settle)
+    )
     families = sorted({r.family for r in table.routes})
     typer.echo(f"receiving for {', '.join(families)} on http://{host}:{port}/hooks/{{hub,s3,announce}}")
     uvicorn.run(receiver.app(), host=host, port=port, access_log=False, log_level="warning")

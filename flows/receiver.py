@@ -12,8 +12,12 @@ size (413), secret (401 missing, 403 wrong; compared in constant time), JSON (40
 Accepted requests get 202 with what they announced, what was a duplicate and what was ignored and
 why (another repo, a deleted tag, an upload not complete yet), so the sender does not retry them;
 503 when the store or the Prefect API cannot be reached (the sender retries later, the watcher
-reconciles meanwhile). Log lines carry method, path, status and reason, never headers, query strings
-or bodies: a secret sent to the wrong place is not written anywhere.
+reconciles meanwhile). S3 notifications are answered at once with their releases `pending`: a
+release is checked when its upload has paused for `settle` seconds (a debounce per release), so the
+tokenizer files that land after the weights are in its fingerprint, and announced then (logged as
+`… settled → 202`; nobody waits for that answer, a failure is logged and left to the watcher's
+schedule). Log lines carry method, path, status and reason, never headers, query strings or bodies:
+a secret sent to the wrong place is not written anywhere.
 
 The parsing, routing and completeness rule live in recycler.service (intake, routes, announce,
 limits); this module adds HTTP and Prefect.
@@ -36,7 +40,7 @@ from starlette.routing import Route
 from recycler.errors import InvalidReleaseId
 from recycler.service import announce, intake
 from recycler.service.announce import Announcement, CheckRelease
-from recycler.service.limits import RateLimit, RecentKeys
+from recycler.service.limits import QuietPeriod, RateLimit, RecentKeys
 from recycler.service.routes import RouteTable
 
 log = logging.getLogger("recycler.receiver")
@@ -54,6 +58,7 @@ class Limits:
     per_second: float = 20.0  # requests per client and second, after a burst of …
     burst: int = 200  # … one notification per object: a release of many shards arrives at once
     remember: int = 4096  # release keys announced lately (replays answered, not re-emitted)
+    settle: float = 2.0  # seconds an S3 upload must pause before its release is checked (0: at once)
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Receiver:
             raise ValueError(f"the receiver needs a secret ({SECRET_ENV})")
         self.rate = RateLimit(self.limits.per_second, self.limits.burst)
         self.seen = RecentKeys(self.limits.remember)
+        self.quiet = QuietPeriod(self.limits.settle, self._settled)
         self.emit_lock = threading.Lock()
 
     def handle(self, kind: str, body: bytes, secret: str | None) -> tuple[int, dict[str, Any]]:
@@ -79,6 +85,13 @@ class Receiver:
             return 403, {"error": "wrong secret"}
         try:
             payload = intake.parse_json(body)
+            if kind == "s3" and self.limits.settle > 0:  # checked once the upload pauses
+                objects, ignored = intake.s3_objects(payload)
+                todo, more = announce.routed_versions(self.routes, objects)
+                for pair in todo:
+                    self.quiet.touch(pair)
+                pending = [f"{r.family}@{v}" for r, v in todo]
+                return 202, {"announced": [], "pending": pending, "duplicates": [], "ignored": ignored + more}
             found, ignored = self._announcements(kind, payload)
         except intake.BadPayload as e:
             return e.status, {"error": str(e)}
@@ -86,6 +99,21 @@ class Receiver:
             return 422, {"error": str(e)}
         except Unavailable as e:
             return 503, {"error": str(e)}
+        return self._emit(found, ignored)
+
+    def _settled(self, pair: object) -> None:
+        """An upload paused for `settle` seconds: announce its release if it is complete now. Nobody
+        waits for an answer: a failure is logged, and the watcher's schedule reconciles."""
+        route, version = pair  # type: ignore[misc]
+        try:
+            found, ignored = announce.checked([(route, version)], self.check, "s3", [])
+            status, answer = self._emit(found, ignored)
+        except Exception as e:
+            status, answer = 503, {"error": f"{type(e).__name__} (left to the watcher's schedule)"}
+        why = answer.get("error") or f"announced {answer['announced']}, duplicates {answer['duplicates']}, ignored {answer['ignored']}"  # fmt: skip
+        log.log(logging.INFO if status == 202 else logging.WARNING, "%s@%s settled → %d: %s", route.family, version, status, why)  # fmt: skip
+
+    def _emit(self, found: list[Announcement], ignored: list[str]) -> tuple[int, dict[str, Any]]:
         announced, duplicates = [], []
         for a in found:
             with self.emit_lock:  # one emission per key, however many requests race

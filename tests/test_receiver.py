@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from starlette.testclient import TestClient
 from recycler.errors import InvalidConfig
 from recycler.service import announce
 from recycler.service.announce import EVENT, Announcement
-from recycler.service.limits import RateLimit, RecentKeys
+from recycler.service.limits import QuietPeriod, RateLimit, RecentKeys
 from recycler.service.routes import Route, RouteTable, load_routes
 from recycler.store.releases import Release, S3PrefixSource
 
@@ -192,6 +193,12 @@ def test_limits_are_bounded():
     for k in ("k1", "k2", "k3"):
         seen.add(k)
     assert "k1" not in seen and "k2" in seen and "k3" in seen
+    acted: list = []
+    quiet = QuietPeriod(60, acted.append, size=1)
+    quiet.touch("a")
+    quiet.touch("a")  # re-armed, still one waiting
+    quiet.touch("b")  # no room: acted on at once
+    assert acted == ["b"] and quiet.pending() == 1
 
 
 # ---- S3 notifications, checked against the store ----------------------------------------------------
@@ -213,7 +220,7 @@ def test_s3_uploads_are_announced_when_the_last_object_completes_the_release(mot
     s3 = moto_s3.client()
     source = f"s3://{moto_s3.bucket}/bases/fam s3"
     routes = RouteTable.single(source, "fams3")
-    http, emitted = client(routes, check=announce.check_in_store(moto_s3.endpoint))
+    http, emitted = client(routes, check=announce.check_in_store(moto_s3.endpoint), limits=Limits(settle=0))
     order = [("config.json", b'{"model_type": "llama"}'), ("model.safetensors.index.json", INDEX),
              ("model-00002-of-00002.safetensors", SHARDS["model-00002-of-00002.safetensors"])]  # fmt: skip
     for name, data in order:  # one notification per object, as MinIO sends them: nothing complete yet
@@ -246,9 +253,35 @@ def test_s3_uploads_are_announced_when_the_last_object_completes_the_release(mot
     assert len(emitted) == 1
 
 
+def test_an_upload_is_checked_once_it_pauses_so_late_files_are_in_its_fingerprint(moto_s3, caplog):
+    """With a quiet period (the default, 2 s; 0.5 s here) the weights completing a release do not
+    announce it while the upload goes on: the tokenizer files that follow are in the fingerprint of
+    the one announcement, the watcher's."""
+    caplog.set_level(logging.INFO, logger="recycler.receiver")
+    s3 = moto_s3.client()
+    routes = RouteTable.single(f"s3://{moto_s3.bucket}/bases/quiet", "quiet")
+    http, emitted = client(routes, check=announce.check_in_store(moto_s3.endpoint), limits=Limits(settle=0.5))
+    files = {"config.json": b'{"model_type": "llama"}', "model.safetensors.index.json": INDEX, **SHARDS,
+             "tokenizer.json": b'{"version": "1.0"}', "tokenizer_config.json": b"{}"}  # fmt: skip
+    for name, data in files.items():  # the release is complete after the shards; two more files follow
+        (key,) = publish(s3, moto_s3.bucket, "bases/quiet/v1", {name: data})
+        r = http.post("/hooks/s3", content=dumps(s3_notification(moto_s3.bucket, [key])), headers=BEARER)
+        assert r.status_code == 202 and r.json()["pending"] == ["quiet@v1"] and r.json()["announced"] == []
+    assert not emitted  # nothing while the upload goes on
+    wait = time.monotonic() + 10
+    while not emitted and time.monotonic() < wait:
+        time.sleep(0.05)
+    (listed,) = S3PrefixSource(moto_s3.bucket, "bases/quiet", "quiet", endpoint_url=moto_s3.endpoint).list()
+    assert [a.release for a in emitted] == [listed]  # once, with every file in its fingerprint
+    time.sleep(0.8)
+    assert len(emitted) == 1 and f"quiet@v1 settled → 202: announced ['{listed.key}']" in caplog.text
+
+
 def test_an_unreachable_store_or_prefect_answers_503_so_the_sender_retries(moto_s3):
     routes = RouteTable.single(f"s3://{moto_s3.bucket}/bases/x", "x")
-    http, _ = client(routes, check=announce.check_in_store("http://127.0.0.1:9"))  # nothing listens
+    http, _ = client(
+        routes, check=announce.check_in_store("http://127.0.0.1:9"), limits=Limits(settle=0)
+    )  # nothing listens
     body = dumps(s3_notification(moto_s3.bucket, ["bases/x/v1/config.json"]))
     assert http.post("/hooks/s3", content=body, headers=BEARER).status_code == 503
 

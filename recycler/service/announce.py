@@ -92,19 +92,27 @@ def from_hub(table: RouteTable, refs: list[HubRef]) -> tuple[list[Announcement],
     return out, ignored
 
 
-def from_objects(
-    table: RouteTable, objects: list[CreatedObject], check: CheckRelease
-) -> tuple[list[Announcement], list[str]]:
-    """One check per (route, version) however many of its objects the notification names."""
-    todo: dict[tuple[Route, str], str] = {}
+def routed_versions(
+    table: RouteTable, objects: list[CreatedObject]
+) -> tuple[list[tuple[Route, str]], list[str]]:
+    """The (route, version) pairs the objects belong to, each once; and the objects no route takes."""
+    todo: dict[tuple[Route, str], None] = {}
     ignored = []
     for obj in objects:
         hits = table.for_object(obj.bucket, obj.key)
         if not hits:
             ignored.append(f"s3://{obj.bucket}/{obj.key}: no route (not under a release prefix)")
-        for route, version, name in hits:
-            todo.setdefault((route, version), name)
-    return _checked(todo, check, "s3", ignored)
+        for route, version, _name in hits:
+            todo[(route, version)] = None
+    return list(todo), ignored
+
+
+def from_objects(
+    table: RouteTable, objects: list[CreatedObject], check: CheckRelease
+) -> tuple[list[Announcement], list[str]]:
+    """One check per (route, version) however many of its objects the notification names."""
+    todo, ignored = routed_versions(table, objects)
+    return checked(todo, check, "s3", ignored)
 
 
 def from_request(
@@ -118,12 +126,13 @@ def from_request(
         return [], [f"{source}: no route (not a release source of this receiver)"]
     if any(r.kind == "hub" for r in routes):  # a Hub ref's commit comes from the Hub's own webhook
         return [], [f"{source}: Hub releases are announced by the Hub's webhook (/hooks/hub)"]
-    return _checked({(r, version): "" for r in routes}, check, "announce", [])
+    return checked([(r, version) for r in routes], check, "announce", [])
 
 
-def _checked(
-    todo: dict[tuple[Route, str], str], check: CheckRelease, via: str, ignored: list[str]
+def checked(
+    todo: list[tuple[Route, str]], check: CheckRelease, via: str, ignored: list[str]
 ) -> tuple[list[Announcement], list[str]]:
+    """The complete releases among `todo`, by the store's completion rule; the others in `ignored`."""
     out = []
     for route, version in todo:
         found = check(route.source, route.family, version)

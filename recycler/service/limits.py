@@ -55,3 +55,39 @@ class RecentKeys:
             self.keys.move_to_end(key)
             while len(self.keys) > self.size:
                 self.keys.popitem(last=False)
+
+
+class QuietPeriod:
+    """Run `action(key)` once `seconds` have passed without another `touch(key)` (a debounce): an
+    upload's objects arrive one notification each, and a release is checked once its uploads paused,
+    so files that land after the weights (tokenizer, generation config) are in its fingerprint.
+    At most `size` keys wait at once; beyond that a key is acted on at once."""
+
+    def __init__(self, seconds: float, action: Callable[[object], None], *, size: int = 1024) -> None:
+        self.seconds, self.action, self.size = seconds, action, size
+        self.timers: dict[object, threading.Timer] = {}
+        self.lock = threading.Lock()
+
+    def touch(self, key: object) -> None:
+        with self.lock:
+            if (old := self.timers.pop(key, None)) is not None:
+                old.cancel()
+            if len(self.timers) >= self.size:
+                now = True
+            else:
+                now = False
+                timer = threading.Timer(self.seconds, self._fire, args=(key,))
+                timer.daemon = True
+                self.timers[key] = timer
+                timer.start()
+        if now:
+            self.action(key)
+
+    def _fire(self, key: object) -> None:
+        with self.lock:
+            self.timers.pop(key, None)
+        self.action(key)
+
+    def pending(self) -> int:
+        with self.lock:
+            return len(self.timers)
