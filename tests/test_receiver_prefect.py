@@ -112,10 +112,14 @@ def test_one_event_per_release_reaches_prefect_and_its_trigger_starts_one_watche
         runs = flow_runs(client, deployment_id=deployment_id)
         assert len(runs) == 1 and runs[0].parameters["announced"] == f"evfam@v1#{SHA[:16]}"
         assert runs[0].parameters["source"] == "hf://acme/evfam"  # the deployment's own parameters kept
-        events = client.read_events(EventFilter(event=EventNameFilter(name=[EVENT])), limit=50).events
-    ours = [
-        e for e in events if e.resource.id in ("recycler.release.evfam@v1", "recycler.release.otherfam@v1")
-    ]
+        wanted = {"recycler.release.evfam@v1", "recycler.release.otherfam@v1"}
+
+        def stored() -> list:  # the server persists events in batches: read until both are there
+            page = client.read_events(EventFilter(event=EventNameFilter(name=[EVENT])), limit=50)
+            found = [e for e in page.events if e.resource.id in wanted]
+            return found if {e.resource.id for e in found} == wanted else []
+
+        ours = wait_for("the stored events", stored, 30, 0.5)
     assert {e.resource.id for e in ours} == {"recycler.release.evfam@v1", "recycler.release.otherfam@v1"}
     evfam = next(e for e in ours if e.resource.id == "recycler.release.evfam@v1")
     assert evfam.payload == {"family": "evfam", "version": "v1", "fingerprint": SHA, "source": "hf://acme/evfam",
