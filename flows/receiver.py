@@ -151,7 +151,7 @@ class Receiver:
         async def endpoint(request: Request) -> JSONResponse:
             kind = request.url.path.rsplit("/", 1)[-1]
             status, answer = await self._serve(request, kind)
-            why = answer.get("error") or f"announced {answer.get('announced')}, duplicates {answer.get('duplicates')}, ignored {len(answer.get('ignored', []))}"  # fmt: skip
+            why = answer.get("error") or ", ".join(f"{k} {answer[k]}" for k in ("announced", "pending", "duplicates") if answer.get(k)) + f" ({len(answer.get('ignored', []))} ignored)"  # fmt: skip
             log.info(
                 "%s %s from %s → %d: %s", request.method, request.url.path, _client(request), status, why
             )
