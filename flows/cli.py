@@ -196,31 +196,114 @@ def backport_command(
 def serve_command(
     source: SourceArg,
     spec: SpecOpt,
-    interval: Annotated[int, typer.Option("--interval", min=60, help="Seconds between watcher runs.")] = 3600,
+    interval: Annotated[
+        int, typer.Option("--interval", min=60, help="Seconds between watcher runs (the reconciler).")
+    ] = 3600,
+    receive_port: Annotated[
+        int | None,
+        typer.Option(
+            "--receive-port",
+            help="Also run a receiver for SOURCE's webhooks/notifications on this port (needs RECYCLER_WEBHOOK_SECRET).",
+        ),
+    ] = None,
+    receive_host: Annotated[
+        str, typer.Option("--receive-host", help="Address the receiver binds.")
+    ] = "127.0.0.1",
+    poll: Annotated[
+        float, typer.Option("--poll", min=1, help="Seconds between this process's polls for runs to start.")
+    ] = 2.0,
 ) -> None:
-    """Serve the watcher (on a schedule) and the manual backport/recycle flows from this process.
+    """Serve the watcher (on a schedule, and on every announced release) and the manual
+    backport/recycle flows from this process.
 
-    Needs a Prefect server (PREFECT_API_URL): schedules and manual runs are created by the server.
-    Deployments: watch-releases/served, backport/served, recycle/served (the family's spec as the
-    default parameters). For a cluster use the deployments in infra/prefect.yaml and workers instead.
+    Needs a Prefect server (PREFECT_API_URL): schedules, triggers and manual runs are created by the
+    server. Deployments: watch-releases/served (its trigger starts it when `recycler.release.published`
+    names the family), backport/served, recycle/served (the family's spec as the default parameters).
+    With --receive-port the same process receives the Hub webhooks and S3 notifications of SOURCE
+    (`recycler receive` with a one-route table). For a cluster use infra/prefect.yaml and workers.
     """
+    from recycler.service.routes import RouteTable
     from recycler.service.spec import load_spec
 
-    family = load_spec(spec).model_dump(mode="json")
+    family_spec = load_spec(spec)
+    family = family_spec.model_dump(mode="json")
     _prefect_defaults()
     from prefect import serve
-    from recycler_flows.release import watch_releases
+    from recycler_flows.release import release_trigger, watch_releases
     from recycler_flows.transfer import backport, recycle
 
+    if receive_port is not None:
+        from recycler_flows.receiver import receiver_from_env, start_in_thread
+
+        receiver = receiver_from_env(RouteTable.single(source, family_spec.family))
+        start_in_thread(receiver.app(), receive_host, receive_port)
+        typer.echo(f"receiving announcements of {source} on http://{receive_host}:{receive_port}/hooks/…")
     # Named apart from infra/prefect.yaml's deployments (watcher, manual): a served deployment that
     # took over a worker deployment's name would crash every run of it (no code storage to pull).
     serve(
         watch_releases.to_deployment(
-            name=SERVED, interval=interval, parameters={"source": source, "spec": family}, concurrency_limit=1
+            name=SERVED,
+            interval=interval,
+            parameters={"source": source, "spec": family},
+            concurrency_limit=1,
+            triggers=[release_trigger(family_spec.family)],
         ),
         backport.to_deployment(name=SERVED, parameters={"spec": family}),
         recycle.to_deployment(name=SERVED, parameters={"spec": family}),
+        query_seconds=poll,
     )
+
+
+def receive_command(
+    routes: Annotated[
+        Path,
+        typer.Option(
+            "--routes",
+            "-r",
+            help="YAML routing table: `routes:` entries of {source, spec} (which source is whose).",
+        ),
+    ],
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8470,
+    max_body: Annotated[
+        int, typer.Option("--max-body", min=1024, help="Largest request body in bytes.")
+    ] = 256 * 1024,
+    rate: Annotated[
+        float, typer.Option("--rate", min=0.1, help="Requests per second per client, after --burst.")
+    ] = 20.0,
+    burst: Annotated[int, typer.Option("--burst", min=1, help="Requests a client may send at once.")] = 200,
+    settle: Annotated[
+        float,
+        typer.Option(
+            "--settle", min=0, help="Seconds an S3 upload must pause before its release is checked."
+        ),
+    ] = 2.0,
+) -> None:
+    """Receive release announcements and emit one Prefect event per complete release.
+
+    Hugging Face Hub webhooks on POST /hooks/hub (secret in X-Webhook-Secret), S3/MinIO bucket
+    notifications on POST /hooks/s3 and publishers' own announcements on POST /hooks/announce
+    (Authorization: Bearer <secret>). The secret is RECYCLER_WEBHOOK_SECRET; the Prefect server is
+    PREFECT_API_URL; S3 sources are checked for completeness on RECYCLER_S3_ENDPOINT_URL.
+    Each release becomes `recycler.release.published`, whose trigger starts the family's watcher.
+    """
+    import logging
+
+    import uvicorn
+
+    from recycler.service.routes import load_routes
+
+    table = load_routes(routes)
+    _prefect_defaults()
+    from recycler_flows.receiver import Limits, receiver_from_env
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    receiver = receiver_from_env(
+        table, limits=Limits(max_body=max_body, per_second=rate, burst=burst, settle=settle)
+    )
+    families = sorted({r.family for r in table.routes})
+    typer.echo(f"receiving for {', '.join(families)} on http://{host}:{port}/hooks/{{hub,s3,announce}}")
+    uvicorn.run(receiver.app(), host=host, port=port, access_log=False, log_level="warning")
 
 
 def deploy_command(
@@ -301,6 +384,7 @@ def register(app: typer.Typer) -> None:
     app.command("watch")(watch_command)
     app.command("backport")(backport_command)
     app.command("serve")(serve_command)
+    app.command("receive")(receive_command)
     app.command("demo")(demo_command)
     app.command("init-spec")(init_spec_command)
     app.command("deploy")(deploy_command)

@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.runtime import flow_run
 from recycler_flows.tasks import library_logs, prefect_step, summary_artifact
 
+from recycler.service.announce import EVENT, RESOURCE_PREFIX
 from recycler.service.cycle import run_cycle
 from recycler.service.spec import CycleSpec
 from recycler.service.summary import cycle_note, verdict
@@ -36,7 +38,20 @@ def _cycle_run_name() -> str:
 
 
 def _watch_run_name() -> str:
-    return f"watch {_family(flow_run.parameters.get('spec', {}))}"
+    announced = flow_run.parameters.get("announced")
+    return f"watch {_family(flow_run.parameters.get('spec', {}))}" + (f" ({announced})" if announced else "")
+
+
+def release_trigger(family: str) -> DeploymentEventTrigger:
+    """Start a watcher run of `family` when one of its releases is announced (recycler receive):
+    the watcher, not the cycle, is started, so the release is dispatched under the watcher's key in
+    the family's order (an automation would key a cycle run by its own invocation id)."""
+    return DeploymentEventTrigger(
+        name=f"{family}: release published",
+        expect={EVENT},
+        match={"prefect.resource.id": f"{RESOURCE_PREFIX}{family}@*"},
+        parameters={"announced": "{{ event.payload.key }}"},
+    )
 
 
 @flow(name="release-cycle", flow_run_name=_cycle_run_name, log_prints=True)
@@ -74,6 +89,7 @@ def watch_releases(
     spec: CycleSpec,
     dispatch: Literal["inline", "deployment"] = "inline",
     deployment: str = RELEASE_CYCLE_DEPLOYMENT,
+    announced: str = "",
 ) -> list[dict[str, Any]]:
     """Take the family's release chain forward, oldest release first (recycler.service.watch).
 
@@ -82,8 +98,12 @@ def watch_releases(
     starts `release-cycle/gpu` with the attempt's idempotency key (or joins the run in flight), so any
     number of watchers on any machines start one run per attempt, and waits for it (each cycle needs
     the Δ the previous one registers); a failed or crashed run is retried under the next attempt's key.
+    `announced`: the release key of the event that started this run (a trigger sets it); the run
+    still reads the source and the chain, so an announcement only wakes it up.
     """
     logger = get_run_logger()
+    if announced:
+        logger.info("started by the announcement of %s", announced)
     if dispatch == "deployment":
         start = lambda r, attempt, key: dispatch_cycle(deployment, r, source, spec, attempt, key)  # noqa: E731
     else:

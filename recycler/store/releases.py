@@ -184,14 +184,31 @@ class LocalFolderSource:
         for d in self.root.iterdir():
             if d.name.startswith(".") or not d.is_dir() or not VERSION_PATTERN.match(d.name):
                 continue
-            if why := folder_missing_parts(d):
-                self.incomplete[d.name] = why
-                continue
-            files = [f for f in d.iterdir() if f.is_file() and is_release_file(f.name)]
-            fp = _fingerprint((f.name, f.stat().st_size, cache.sha256(f)) for f in files)
-            releases.append(Release(self.family, d.name, str(d.resolve()), fp))
+            if r := self._release(d, cache):
+                releases.append(r)
         cache.save()
         return sorted(releases, key=lambda r: version_key(r.version))
+
+    def release(self, version: str) -> Release | None:
+        """One version alone (an announcement's check): None while it is not complete, with the
+        reason in `incomplete[version]`."""
+        check_version(version)
+        self.incomplete.pop(version, None)
+        if not (self.root / version).is_dir():
+            self.incomplete[version] = f"no folder {version} in {self.root}"
+            return None
+        cache = DigestCache(self.digests)
+        found = self._release(self.root / version, cache)
+        cache.save()
+        return found
+
+    def _release(self, d: Path, cache: DigestCache) -> Release | None:
+        if why := folder_missing_parts(d):
+            self.incomplete[d.name] = why
+            return None
+        files = [f for f in d.iterdir() if f.is_file() and is_release_file(f.name)]
+        fp = _fingerprint((f.name, f.stat().st_size, cache.sha256(f)) for f in files)
+        return Release(self.family, d.name, str(d.resolve()), fp)
 
     def materialize(self, release: Release, dest: Path) -> Path:
         return Path(release.uri)
@@ -230,17 +247,27 @@ class S3PrefixSource:
             version, name = rel.split("/", 1)
             if VERSION_PATTERN.match(version) and "/" not in name:
                 by_version.setdefault(version, []).append(obj | {"Name": name})
-        releases = []
         self.incomplete = {}
-        for version, objs in by_version.items():
-            files = [o for o in objs if is_release_file(o["Name"])]
-            names = {o["Name"] for o in files}
-            if why := missing_parts(names, lambda n, v=version: self._json(v, n)):
-                self.incomplete[version] = why
-                continue
-            fp = _fingerprint((o["Name"], o["Size"], o["ETag"].strip('"')) for o in files)
-            releases.append(Release(self.family, version, f"s3://{self.bucket}/{self._base(version)}", fp))
+        releases = [r for v, objs in by_version.items() if (r := self._release(v, objs))]
         return sorted(releases, key=lambda r: version_key(r.version))
+
+    def release(self, version: str) -> Release | None:
+        """One version, listed alone (a notification's check): None while it is not complete, with
+        the reason in `incomplete[version]`."""
+        check_version(version)
+        self.incomplete.pop(version, None)
+        base = self._base(version)
+        objs = [o | {"Name": o["Key"][len(base) :]} for o in self._objects(version)]
+        return self._release(version, [o for o in objs if "/" not in o["Name"]])
+
+    def _release(self, version: str, objs: list[dict]) -> Release | None:
+        files = [o for o in objs if is_release_file(o["Name"])]
+        names = {o["Name"] for o in files}
+        if why := missing_parts(names, lambda n: self._json(version, n)):
+            self.incomplete[version] = why
+            return None
+        fp = _fingerprint((o["Name"], o["Size"], o["ETag"].strip('"')) for o in files)
+        return Release(self.family, version, f"s3://{self.bucket}/{self._base(version)}", fp)
 
     def _json(self, version: str, name: str) -> object:
         try:
