@@ -190,6 +190,16 @@ def test_lora_section_finetuning_and_report(fast_run):
     assert {"lora.png", "report.md"} <= {a.path for a in client.list_artifacts(logged.info.run_id)}
 
 
+def test_reproduce_cli_refuses_bad_lora_ranks(tmp_path):
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(
+        app, ["reproduce", "-o", str(tmp_path / "out"), "--lora", "--lora-ranks", "4,0"]
+    )
+    assert result.exit_code == 2 and "--lora-ranks" in result.output, result.output
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
 # ---- pre-check -----------------------------------------------------------------------------------------
 
 

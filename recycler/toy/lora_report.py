@@ -147,7 +147,8 @@ def plot_lora(path: Path, runs: list[dict]) -> None:
         exact = np.mean([t["exact"] for t in tables]) * 100
         left.axhline(exact, color=color, ls="--", label=f"{name} exact, ± noise floor")
         left.axhspan(exact - noise, exact + noise, color=color, alpha=0.12)
-    left.set_xticks(x, labels)
+    full = lo[0]["cases"]["own"]["ranks"][labels[-1]]["max_rank"]
+    left.set_xticks(x, [*labels[:-1], f"full ({full})"])
     title = f"{lo[0]['target']} + Δ as an adapter"
     left.set(xlabel="adapter rank", ylabel="accuracy % (thin: one line per seed)", title=title)
     left.legend(fontsize=7)
