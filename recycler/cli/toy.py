@@ -115,7 +115,7 @@ def reproduce_command(
         typer.Option(
             "--lora",
             help="Add the LoRA section: accuracy of the newest version + Δ as a rank-r adapter, and LoRA "
-            "fine-tuning from it with and without Δ (about a minute more per seed in full mode).",
+            "fine-tuning from it with and without Δ (1–1.5 min more per seed in full mode on 2 cores).",
         ),
     ] = False,
     lora_ranks: Annotated[
