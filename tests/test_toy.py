@@ -18,11 +18,13 @@ from typer.testing import CliRunner
 
 from recycler.cli.toy import register
 from recycler.errors import IncompatibleCheckpoints
+from recycler.settings import Settings, get_settings
 from recycler.stages.evaluate.evaluators import load_task
 from recycler.stages.finetune.data import load_sft_records
 from recycler.stages.precheck import PrecheckError, precheck
 from recycler.toy.family import build_family
-from recycler.toy.findings import spearman, steps_or_inf
+from recycler.toy.findings import accuracy_noise, spearman, steps_or_inf
+from recycler.toy.lora_costs import LoraPlan
 from recycler.toy.reproduce import reproduce
 from recycler.toy.tiny import build_tiny_model
 from recycler.toy.world import WorldConfig, excluded_problems, task_problems, world_config
@@ -37,10 +39,24 @@ def weight_digests(family) -> dict[str, str]:
     }
 
 
+LORA_RANKS = (1, 4)
+
+
 @pytest.fixture(scope="session")
 def fast_run(fast_family, toy_cache, tmp_path_factory):
+    """`reproduce --fast --lora`, one seed, tracked to MLflow in its own home (OUTPUT/../tracking)."""
     out = tmp_path_factory.mktemp("reproduce") / "out"
-    return reproduce(out, fast=True, seeds=1, cache=toy_cache, keep_work=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RECYCLER_TRACK", "1")
+        mp.setenv("RECYCLER_HOME", str(out.parent / "tracking"))
+        for var in ("RECYCLER_TRACKING_URI", "RECYCLER_REGISTRY_URI"):
+            mp.delenv(var, raising=False)
+        get_settings.cache_clear()
+        try:
+            lora = LoraPlan(ranks=LORA_RANKS)
+            return reproduce(out, fast=True, seeds=1, cache=toy_cache, keep_work=True, lora=lora)
+        finally:
+            get_settings.cache_clear()
 
 
 # ---- the family ---------------------------------------------------------------------------------------
@@ -116,6 +132,72 @@ def test_fast_finetuning_lifts_accuracy(fast_run):
     last = run["versions"][-1]
     assert run["ft"][last] > run["base"][last] + 0.03, (run["base"], run["ft"])
     assert all(run["ft"][v] >= run["base"][v] for v in run["versions"])
+
+
+# ---- reproduce --lora: what the adapter form costs --------------------------------------------------------
+
+
+def test_lora_section_rank_table(fast_run):
+    """The rank table is real: the error falls with rank and is 0 at full rank over the adapted matrices,
+    where only the norm vectors' Δ (left out, reported) separates the adapter from the exact Δ."""
+    run = json.loads((fast_run.out / "results.json").read_text())["runs"][0]
+    lora, V = run["lora"], run["versions"]
+    assert lora["target"] == V[-1] and set(lora["cases"]) == {"own", "recycled"}
+    noise = accuracy_noise(0.5, run["n_test"])
+    for case in lora["cases"].values():
+        ranks = case["ranks"]
+        assert list(ranks) == [*map(str, LORA_RANKS), "full"]
+        errors = [r["error_matrices"] for r in ranks.values()]
+        assert errors == sorted(errors, reverse=True) and errors[-2] > 0.01 and errors[-1] < 1e-5, errors
+        full = ranks["full"]
+        assert full["max_rank"] == run["family"]["config"]["hidden"]  # every matrix at min(rows, cols)
+        assert 0 < full["dropped_share"] < 0.05
+        assert full["error_all"] == pytest.approx(full["dropped_share"] ** 0.5, rel=1e-3)
+        # a full-rank adapter keeps the exact Δ's accuracy within the noise floor
+        assert abs(full["accuracy"] - case["exact"]) <= noise, case
+    # M_i + Δ^iter_i is the iterative chain's fine-tune of M_i, M_i + Δ^iter_{i-1} its recycled start:
+    # the exact Δs reproduce the cycle's own scores
+    own, recycled = lora["cases"]["own"], lora["cases"]["recycled"]
+    assert own["exact"] == run["iter_ft"][V[-1]] and recycled["exact"] == run["iter_start"][V[-1]]
+    # and a rank-1 adapter of the fine-tune loses most of what it learned: the table tells ranks apart
+    assert own["ranks"]["1"]["accuracy"] < own["exact"] - 4 * noise, own
+
+
+def test_lora_section_finetuning_and_report(fast_run):
+    run = json.loads((fast_run.out / "results.json").read_text())["runs"][0]
+    lora = run["lora"]
+    assert lora["finetune_config"]["r"] == LoraPlan().r
+    curves = lora["ft_curve"]
+    assert curves["base"][-1][0] == curves["recycled"][-1][0] == run["finetune_config"]["max_steps"]
+    # the paper's finding with adapters: LoRA from M_i + Δ^iter ends above LoRA from M_i
+    finding = fast_run.findings["lora_ft_recycled_ends_higher"]
+    assert finding["per_seed"] == [lora["ft"]["recycled"] - lora["ft"]["base"]]
+    assert lora["ft"]["recycled"] > lora["ft"]["base"] + finding["noise"], lora["ft"]
+    report = (fast_run.out / "report.md").read_text()
+    assert "## 6. LoRA adapters" in report and "![LoRA" in report
+    assert "| M_i + rank-1 adapter | 1 |" in report and "| M_i + rank-full adapter |" in report
+    assert (fast_run.out / "lora.png").stat().st_size > 10_000
+    assert fast_run.plots["lora"] == fast_run.out / "lora.png"
+    # logged to MLflow like the other figures, the LoRA finding as a metric
+    from mlflow import MlflowClient
+
+    client = MlflowClient(Settings(home=fast_run.out.parent / "tracking").tracking_uri)
+    (logged,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'reproduce-fast'"
+    )
+    assert logged.data.params["lora"] == "True"
+    assert logged.data.metrics["lora_ft_recycled_ends_higher"] == pytest.approx(finding["mean"])
+    assert {"lora.png", "report.md"} <= {a.path for a in client.list_artifacts(logged.info.run_id)}
+
+
+def test_reproduce_cli_refuses_bad_lora_ranks(tmp_path):
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(
+        app, ["reproduce", "-o", str(tmp_path / "out"), "--lora", "--lora-ranks", "4,0"]
+    )
+    assert result.exit_code == 2 and "--lora-ranks" in result.output, result.output
+    assert not (tmp_path / "out").exists()  # refused before anything ran
 
 
 # ---- pre-check -----------------------------------------------------------------------------------------

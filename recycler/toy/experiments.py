@@ -21,6 +21,7 @@ from recycler.stages.model_folder import load_causal_lm, load_tokenizer
 from recycler.stages.precheck import precheck
 from recycler.toy.chain import Chain, run_chain
 from recycler.toy.family import ToyFamily
+from recycler.toy.lora_costs import LoraPlan, run_lora_costs
 
 Tick = Callable[[str, int, int], None]  # (label, done, total)
 
@@ -38,6 +39,7 @@ class SeedExperiments:
         tick: Tick | None = None,
         finetune: dict | None = None,
         service: Path | None = None,
+        lora: LoraPlan | None = None,
     ) -> None:
         self.family, self.versions, self.work, self.ft = family, versions, Path(work), ft
         self.service = Path(service) if service else self.work / "service"  # the chains' registry home
@@ -48,15 +50,17 @@ class SeedExperiments:
         self.task = load_task(family.test, **ft.evaluation.model_dump())
         n = len(versions)
         self.total = 2 + (n - 1) ** 2 + n  # two chains, the non-adjacent transfer pairs, pre-checks
+        self.lora = lora  # the LoRA section (recycler.toy.lora_costs), when asked for
+        self.total += lora.steps if lora else 0
         self.done = 0
         self.timings: dict[str, float] = {}
 
-    def _step(self, label: str) -> None:
+    def step(self, label: str) -> None:
         self.tick(label, self.done, self.total)
         self.done += 1
 
     def accuracy(self, model_dir: Path, label: str) -> float:
-        self._step(f"evaluating {label}")
+        self.step(f"evaluating {label}")
         return self.task.evaluate(load_causal_lm(model_dir), load_tokenizer(model_dir)).score
 
     def apply(self, target: Path, delta: Path, name: str) -> Path:
@@ -69,12 +73,12 @@ class SeedExperiments:
     def run(self) -> dict:
         t0 = time.monotonic()
         V = self.versions
-        self._step("release cycles, mode direct (with FT(M) baselines)")
+        self.step("release cycles, mode direct (with FT(M) baselines)")
         chain = {"home": self.service, "artifacts": self.work / "artifacts"}
         direct = run_chain(
             self.family, V, chain["home"], "direct", self.finetune, artifacts=chain["artifacts"]
         )
-        self._step("release cycles, mode iterative (Algorithm 1)")
+        self.step("release cycles, mode iterative (Algorithm 1)")
         iterative = run_chain(
             self.family, V, chain["home"], "iterative", self.finetune, artifacts=chain["artifacts"]
         )
@@ -94,6 +98,10 @@ class SeedExperiments:
         self.timings["transfer_table_s"] = time.monotonic() - t0 - sum(self.timings.values())
         res["precheck"] = self._precheck(deltas)
         self.timings["precheck_s"] = time.monotonic() - t0 - sum(self.timings.values())
+        if self.lora is not None:  # on the newest version, with the Δs of the iterative chain
+            deltas = {"own": Path(iterative.diffs[V[-1]]), "recycled": Path(iterative.diffs[V[-2]])}
+            res["lora"] = run_lora_costs(self, self.lora, deltas, V[-1])
+            self.timings["lora_s"] = time.monotonic() - t0 - sum(self.timings.values())
         self.tick("done", self.total, self.total)
         res["timings"] = self.timings | {"total_s": time.monotonic() - t0}
         return res
@@ -103,7 +111,7 @@ class SeedExperiments:
         V, M = self.versions, self.family.versions
         scores: dict = {}
         for tgt in V:
-            self._step(f"pre-checking {tgt}")
+            self.step(f"pre-checking {tgt}")
             sources = [s for s in V if s != tgt]
             result = precheck(
                 M[tgt],

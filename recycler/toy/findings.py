@@ -167,6 +167,16 @@ def claims(versions: list[str]) -> dict[str, tuple[str, Margin]]:
     }
 
 
+def lora_claims() -> dict[str, tuple[str, Margin]]:
+    """The LoRA section's claim (recycler.toy.lora_costs), on runs that have it."""
+    return {
+        "lora_ft_recycled_ends_higher": (
+            "final acc of LoRA-FT from M_i + Δ^iter_{i−1} − LoRA-FT from M_i (newest version)",
+            lambda r: r["lora"]["ft"]["recycled"] - r["lora"]["ft"]["base"],
+        ),
+    }
+
+
 def noise_floor(name: str, run: dict) -> float:
     if name.startswith("precheck"):
         return 0.0
@@ -177,8 +187,9 @@ def noise_floor(name: str, run: dict) -> float:
 
 def summarize(runs: list[dict]) -> dict[str, dict]:
     versions = runs[0]["versions"]
+    named = claims(versions) | (lora_claims() if all("lora" in r for r in runs) else {})
     out = {}
-    for name, (what, margin) in claims(versions).items():
+    for name, (what, margin) in named.items():
         values = [margin(r) for r in runs]
         known = [v for v in values if v is not None]
         entry = {"measures": what, "per_seed": values, "noise": noise_floor(name, runs[0])}

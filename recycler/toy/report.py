@@ -16,6 +16,7 @@ from recycler.toy.findings import (
     steps_or_inf,
     summarize,
 )
+from recycler.toy.lora_report import lora_section, plot_lora
 from recycler.toy.plots import plot_convergence, plot_iterative, plot_precheck, plot_transfer
 
 CEILING = 0.97
@@ -250,12 +251,19 @@ def write_report(
     plot_convergence(plots["convergence"], runs)
     plot_iterative(plots["iterative"], runs)
     plot_precheck(plots["precheck"], runs)
+    if has_lora(runs):
+        plots["lora"] = out / "lora.png"
+        plot_lora(plots["lora"], runs)
     results = out / "results.json"
     body = {"fast": fast, "seeds": len(runs), "wall_time_s": wall_time_s, "findings": findings, "runs": runs}
     results.write_text(json.dumps(body, indent=1, default=_json_default) + "\n")
     report = out / "report.md"
     report.write_text("\n".join(_markdown(runs, findings, fast, wall_time_s)) + "\n")
     return report, results, plots, findings
+
+
+def has_lora(runs: list[dict]) -> bool:
+    return all("lora" in r for r in runs)
 
 
 def _json_default(x: object) -> object:
@@ -311,5 +319,6 @@ def _markdown(runs: list[dict], findings: dict, fast: bool, wall: float) -> list
         *convergence_section(runs),
         *iterative_section(runs),
         *precheck_section(runs, findings),
+        *(lora_section(runs) if has_lora(runs) else []),
     ]
     return lines

@@ -2,7 +2,8 @@
 
 Each seed is a separate family (pretraining seed) and fine-tuning seed, run in its own process with one
 torch thread, so two seeds use the two cores of a small CI machine fully. `--fast` is a smoke test:
-one seed, three versions, shorter fine-tuning on the smaller fast family.
+one seed, three versions, shorter fine-tuning on the smaller fast family. `--lora` adds the LoRA
+section (recycler.toy.lora_costs): what shipping Δ as an adapter, and fine-tuning with LoRA, cost.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from recycler.errors import OutputExists, ReproduceError
 from recycler.toy.family import Progress, ProgressUpdate, build_toy_family
+from recycler.toy.lora_costs import LoraPlan
 from recycler.toy.pretrain import torch_threads
 
 FULL_VERSIONS = ("v1", "v2", "v3", "v4", "v5")
@@ -50,6 +52,7 @@ class Plan:
     service: Path  # the release cycles' registries, one per seed
     fast: bool
     versions: tuple[str, ...]
+    lora: LoraPlan | None = None  # the LoRA section, when asked for
 
     @property
     def finetune(self) -> dict:
@@ -84,7 +87,10 @@ def run_seed(plan: Plan, seed: int, queue=None) -> dict:
     # for a core busy with other work slowed a run tenfold.
     with torch_threads(1):
         work = plan.work / f"seed-{seed}"
-        result = SeedExperiments(family, list(plan.versions), work, ft, send, plan.finetune, home).run()
+        experiments = SeedExperiments(
+            family, list(plan.versions), work, ft, send, plan.finetune, home, lora=plan.lora
+        )
+        result = experiments.run()
     result |= {"seed": seed, "service_home": str(home), "finetune_config": ft.model_dump(mode="json")}
     result["family"] = {"root": str(family.root), "config": family.config.model_dump(mode="json")}
     result["timings"]["family_s"] = built
@@ -144,12 +150,14 @@ def reproduce(
     cache: Path | None = None,
     overwrite: bool = False,
     keep_work: bool = False,
+    lora: LoraPlan | None = None,
 ) -> ReproduceResult:
     """Run the experiments for seeds 0..seeds-1 and write report.md, results.json and plots into `out`.
 
     Families are cached under `cache` (default $RECYCLER_TOY_CACHE or ~/.cache/recycler/toy). The
     release cycles' registries stay in `out`/service/seed-N; the intermediate models go to a temporary
     folder, removed at the end unless `keep_work`. `versions` (≥ 3, oldest first) narrows the run.
+    `lora` adds the LoRA section (adapter rank against accuracy, LoRA fine-tuning) on the newest version.
     """
     from recycler.toy.report import write_report
 
@@ -163,7 +171,8 @@ def reproduce(
         raise OutputExists(f"{out} exists and is not empty; pass --overwrite or choose another folder")
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="recycler-reproduce-"))
-    plan = Plan(Path(cache) if cache is not None else default_cache(), work, out / "service", fast, versions)
+    caches = Path(cache) if cache is not None else default_cache()
+    plan = Plan(caches, work, out / "service", fast, versions, lora)
     shutil.rmtree(plan.service, ignore_errors=True)
     try:
         runs = _run_seeds(plan, list(range(seeds)), progress)
@@ -173,17 +182,25 @@ def reproduce(
         shutil.rmtree(work, ignore_errors=True)
     wall = time.monotonic() - t0
     report, results, plots, findings = write_report(out, runs, fast=fast, wall_time_s=wall)
-    _log_mlflow(report, results, plots, findings, fast=fast, seeds=seeds)
+    _log_mlflow(report, results, plots, findings, fast=fast, seeds=seeds, lora=lora is not None)
     return ReproduceResult(out, report, results, plots, findings, wall)
 
 
 def _log_mlflow(
-    report: Path, results: Path, plots: dict[str, Path], findings: dict, *, fast: bool, seeds: int
+    report: Path,
+    results: Path,
+    plots: dict[str, Path],
+    findings: dict,
+    *,
+    fast: bool,
+    seeds: int,
+    lora: bool,
 ) -> None:
     """Log the run to MLflow when tracking is on (RECYCLER_TRACK=1, as for every command)."""
     from recycler.registry import runlog, runs
 
-    with runs.tracked_run(f"reproduce{'-fast' if fast else ''}", params={"fast": fast, "seeds": seeds}):
+    params = {"fast": fast, "seeds": seeds, "lora": lora}
+    with runs.tracked_run(f"reproduce{'-fast' if fast else ''}", params=params):
         runlog.log_metrics({name: f.get("mean") for name, f in findings.items()})
         for path in (report, results, *plots.values()):
             runlog.log_artifact(path)
