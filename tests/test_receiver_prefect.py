@@ -187,9 +187,12 @@ def test_a_release_uploaded_to_s3_starts_its_cycle_through_serve_and_its_receive
                 r for r in flow_runs(client, flow="watch-releases") if r.parameters.get("announced")
             )
             latency = cycle.start_time.timestamp() - last_object
-            since = lambda t: (
-                f"{t.timestamp() - last_object:.1f} s" if t else "not yet (queued behind a scheduled one)"
-            )  # noqa: E731
+
+            def since(t) -> str:
+                return (
+                    f"{t.timestamp() - last_object:.1f} s" if t else "not yet (queued behind a scheduled one)"
+                )
+
             # (the served deployment's schedule may have started a watcher of its own; whichever
             # reaches the complete release first dispatches its cycle, once)
             print(f"\nlast object → watcher run created {since(watcher.created)}, started "
