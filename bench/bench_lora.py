@@ -92,9 +92,22 @@ def get(ix: dict[str, Path], name: str) -> torch.Tensor:
 OPTIMUM: dict[tuple[str, str, int], float] = {}  # (fine-tune, tensor, rank) → Σσ² beyond the rank
 
 
-def adapter_errors(adapter: Path, ms: Path, ft: Path, rank: int, optimum: bool = False) -> dict[str, float]:
-    """‖Δ − scale·B·A‖/‖Δ‖ over the weight matrices the adapter covers, and the optimum at `rank`
-    (Eckart–Young, from the exact singular values; computed once per tensor)."""
+def lora_modules(adapter: Path) -> set[str]:
+    """The modules an adapter factors as B·A (not those it saves whole as modules_to_save)."""
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        return {
+            k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            for k in f.keys()  # noqa: SIM118
+            if k.endswith("lora_A.weight")
+        }
+
+
+def adapter_errors(
+    adapter: Path, ms: Path, ft: Path, rank: int, optimum: bool = False, only: set[str] | None = None
+) -> dict[str, float]:
+    """‖Δ − scale·B·A‖/‖Δ‖ over the weight matrices the adapter covers (or the `only` ones: the same
+    matrices for both tools), and the optimum at `rank` (Eckart–Young, from the exact singular values;
+    computed once per tensor)."""
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     state = load_file(adapter / "adapter_model.safetensors")
     ib, it = tensors(ms), tensors(ft)
@@ -103,6 +116,8 @@ def adapter_errors(adapter: Path, ms: Path, ft: Path, rank: int, optimum: bool =
         if not key.endswith("lora_A.weight"):
             continue
         module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        if only is not None and module not in only:
+            continue
         name = f"{module}.weight"
         d = get(it, name).double() - get(ib, name).double()
         a, b = state[key].double(), state[key.replace("lora_A", "lora_B")].double()
@@ -150,8 +165,6 @@ def bench_size(size: float, args) -> list[dict]:
     cmd = [recycler, "diff", str(ms), str(ft), "-o", str(ours), "--as-lora", "--rank", str(args.rank)]
     rows.append({"task": "Δ → adapter", "method": "recycler", **run(cmd)})
     print(json.dumps(rows[-1]), flush=True)
-    rows[-1] |= adapter_errors(ours, ms, ft, args.rank, args.optimum)
-    print(json.dumps(rows[-1]), flush=True)
     exe = tool()
     if exe:
         theirs = work / "mergekit-lora"
@@ -164,7 +177,15 @@ def bench_size(size: float, args) -> list[dict]:
                 **run(["env", "HF_HUB_OFFLINE=1", *cmd]),
             }
         )
-        rows[-1] |= adapter_errors(theirs, ms, ft, args.rank)
+        common = lora_modules(ours) & lora_modules(theirs)  # the same matrices for both tools
+        for row, folder in ((rows[-2], ours), (rows[-1], theirs)):
+            row |= adapter_errors(folder, ms, ft, args.rank, args.optimum, only=common)
+            row["own_modules"] = len(lora_modules(folder))
+            print(json.dumps(row), flush=True)
+    else:
+        rows[-1] |= adapter_errors(ours, ms, ft, args.rank, args.optimum)
+    if args.only_extract:
+        return _finish(rows, size, work, args)
     out_r, out_p = work / "recycled", work / "peft-merged"
     cmd = [recycler, "recycle", str(ms), str(ours), str(mt), "-o", str(out_r), "--quiet"]
     rows.append({"task": "adapter → new base", "method": "recycler recycle", **run(cmd)})
@@ -178,10 +199,15 @@ def bench_size(size: float, args) -> list[dict]:
     )
     differ, total, worst = compare(out_r, out_p)
     rows[-1] |= {"elements_differing_from_recycler": differ, "elements": total, "max_abs_difference": worst}
+    return _finish(rows, size, work, args)
+
+
+def _finish(rows: list[dict], size: float, work: Path, args) -> list[dict]:
     for r in rows:
         r["size_gb"] = size
         print(json.dumps(r), flush=True)
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
@@ -191,7 +217,11 @@ def report(rows: list[dict]) -> None:
     for r in rows:
         other = [x for x in rows if x["size_gb"] == r["size_gb"] and x["task"] == r["task"] and x is not r]
         ratio = f"{other[0]['wall_s'] / r['wall_s']:.1f}×" if other else "–"
-        acc = f"{r['relative_error']:.5f} (optimum {r['optimum']:.5f})" if "relative_error" in r else "–"
+        acc = (
+            f"{r['relative_error']:.5f} over {r['modules']} matrices (optimum {r['optimum']:.5f})"
+            if "relative_error" in r
+            else "–"
+        )
         print(
             f"| {r['size_gb']:g} GB | {r['task']} | {r['method']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | "
             f"{r['peak_rss_gb']:.2f} | {ratio} | {acc} |"
@@ -211,6 +241,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--optimum", action="store_true", help="also the Eckart–Young optimum (full SVDs: slow)")
     ap.add_argument("--workdir", type=Path, default=Path("bench/out"))
+    ap.add_argument("--only-extract", action="store_true", help="only the Δ → adapter rows")
+    ap.add_argument("--keep", action="store_true", help="keep the adapters and merged models")
     args = ap.parse_args()
     np.seterr(all="ignore")
     rows = []
