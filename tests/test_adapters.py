@@ -12,6 +12,7 @@ import math
 import shutil
 from pathlib import Path
 
+import peft  # the [test] extra: a missing install fails here, never skips
 import pytest
 import torch
 from conftest import load_state
@@ -26,8 +27,6 @@ from recycler.stages.apply import recycle
 from recycler.stages.extract import diff_checkpoints
 from recycler.stages.sources import adapter_delta
 from recycler.toy.tiny import build_tiny_model
-
-peft = pytest.importorskip("peft")  # in the [test] extra: a missing install fails CI's import check
 
 
 def cli(*args) -> None:

@@ -423,7 +423,6 @@ def test_cli_help_explains_options() -> None:
 def test_lora_finetune_publishes_merged_model_and_its_adapter(work, tmp_path: Path) -> None:
     """method: lora trains only B·A on the target modules: the merged output differs from the base by
     a rank ≤ r Δ there and nowhere else, and its adapter/ reads back (recycler) as that Δ."""
-    pytest.importorskip("peft")
     from conftest import load_state
 
     from recycler.stages.extract import diff_checkpoints

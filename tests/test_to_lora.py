@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import peft  # the [test] extra: a missing install fails here, never skips
 import pytest
 import torch
 from conftest import load_state
@@ -15,8 +16,6 @@ from transformers import LlamaForCausalLM
 
 from recycler.delta.lora import RANDOMIZED_FROM, low_rank
 from recycler.delta.math import tensor_family
-
-peft = pytest.importorskip("peft")
 
 
 def best_error(d: np.ndarray, r: int) -> float:
