@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from recycler.redact import redact
 from recycler.registry.links import model_link, run_link, version_link
-from recycler.registry.names import parse_composed_of
+from recycler.registry.names import REF_TAGS, parse_composed_of
 
 if TYPE_CHECKING:
     from recycler.registry.client import Registry
@@ -161,10 +161,7 @@ def users_of(
     reference: str, candidates: Iterable[tuple[str, dict[str, str]]]
 ) -> tuple[tuple[str, dict[str, str]], ...]:
     """The versions among `candidates` that name `reference` as their Δ, merged start, source or parent."""
-    tags_naming = ("parent_diff", "cycle_parent_diff", "source_ft", "source_merged", "source_diff")
-    return tuple(
-        (ref, tags) for ref, tags in candidates if any(tags.get(t) == reference for t in tags_naming)
-    )
+    return tuple((ref, tags) for ref, tags in candidates if any(tags.get(t) == reference for t in REF_TAGS))
 
 
 def related_of(
@@ -199,7 +196,7 @@ def related_of(
         )
     elif reference:
         found_by = {}
-        for tag in ("parent_diff", "cycle_parent_diff", "source_ft", "source_merged", "source_diff"):
+        for tag in REF_TAGS:
             for mv in registry.search(f"tags.{tag} = '{reference}'"):
                 found_by[f"{mv.name}/{mv.version}"] = dict(mv.tags)
         used_by = users_of(
@@ -219,7 +216,7 @@ def refresh(registry: Registry, reference: str) -> None:
 
 def refresh_lineage_of(registry: Registry, tags: dict[str, str]) -> None:
     """After a version is registered, the versions it names gain a forward link to it."""
-    for tag in ("parent_diff", "cycle_parent_diff", "source_ft", "source_merged", "source_diff"):
+    for tag in REF_TAGS:
         if ref := tags.get(tag):
             refresh(registry, ref)
     if tags.get("kind") != "base" and tags.get("family") and tags.get("base_version"):
