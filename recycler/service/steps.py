@@ -23,7 +23,7 @@ from recycler.errors import InvalidReleaseId, RecyclerError, VerificationFailed
 from recycler.io.atomic import atomic_folder, link_or_copy
 from recycler.io.layout import MANIFEST_NAME, is_release_file
 from recycler.io.manifest import manifest_digest, read_manifest, verify_folder, write_manifest
-from recycler.registry.names import CHAMPION, NEXT_DIFF, Lineage, RegisteredVersion
+from recycler.registry.names import ARTIFACT_KINDS, CHAMPION, NEXT_DIFF, Lineage, RegisteredVersion
 from recycler.registry.runlog import log_json_artifact, log_metrics
 from recycler.registry.runs import child_run
 from recycler.service.services import FT_RECORD, Services
@@ -341,8 +341,9 @@ def publish_and_register(
 ) -> RegisteredVersion:
     """Publish `folder` to the store (files first, manifest last) and register it: both idempotent.
     A score is registered with its provenance and per-example outcomes (`eval_tags`)."""
-    store_kind = {"base": "base", "diff": "diff", "lora": "adapter"}.get(kind, "model")
-    ref = svc.store.publish(folder, store_kind)
+    ref = svc.store.publish(
+        folder, ARTIFACT_KINDS[kind][0]
+    )  # the store kind this registered kind is published as
     metrics, status = None, dict(status or {})
     if score is not None:
         evidence = as_evidence(score)
