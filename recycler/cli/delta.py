@@ -255,7 +255,7 @@ def apply(
     _engine_threads(threads, target)
     from recycler.stages.apply import apply_diff
     from recycler.stages.compose import compose, parse_rule
-    from recycler.stages.sources import adapter_delta, stored_delta
+    from recycler.stages.sources import applied_delta
 
     alphas = alpha or [1.0]
     if len(alphas) not in (1, len(deltas)):
@@ -270,9 +270,7 @@ def apply(
     if len(deltas) == 1 and not rules:  # the one-Δ path: exact round trip at α = 1
         run = lambda **kw: apply_diff(target, deltas[0], output, overwrite=overwrite, **kw)  # noqa: E731
     else:
-        from recycler.io.adapter import is_adapter
-
-        inputs = [adapter_delta(d, None) if is_adapter(d) else stored_delta(d) for d in deltas]
+        inputs = [applied_delta(d) for d in deltas]
         params |= {"alphas": ",".join(f"{a:g}" for a in alphas), "alpha_rules": ";".join(alpha_rule or ())}
         run = lambda **kw: compose(  # noqa: E731
             target, inputs, alphas, rules, output, inputs=list(deltas), overwrite=overwrite, **kw

@@ -17,9 +17,6 @@ from pathlib import Path
 
 from recycler.delta.compat import Job, Side, plan_transfer
 from recycler.delta.policy import ApplyPolicy, CompatibilityReport
-from recycler.io.adapter import (
-    is_adapter,
-)
 from recycler.io.atomic import atomic_folder
 from recycler.io.checkpoint import (
     GENERATION_CONFIG,
@@ -41,10 +38,9 @@ from recycler.stages.engine import stream_apply
 from recycler.stages.pair_checks import DEFAULT_MAX_RELATIVE_NORM
 from recycler.stages.sources import (
     DeltaInputs,
-    adapter_delta,
+    applied_delta,
     fine_tune_delta,
     has_tokenizer,
-    stored_delta,
 )
 
 Progress = Callable[[int], None]
@@ -61,8 +57,7 @@ class TransferResult:
 def apply_diff(target_path: Path, diff_path: Path, out: Path, **kw) -> TransferResult:
     """m_t + α·Δ from a stored Δ artifact, or from a LoRA adapter's factors (scale·B·A, no base needed
     unless it saves modules whole). See `transfer` for keyword arguments."""
-    delta = adapter_delta(diff_path, None) if is_adapter(diff_path) else stored_delta(diff_path)
-    return transfer(target_path, delta, out, inputs=[Path(diff_path)], **kw)
+    return transfer(target_path, applied_delta(diff_path), out, inputs=[Path(diff_path)], **kw)
 
 
 def recycle(

@@ -242,6 +242,12 @@ def adapter_fingerprint(adapter: Adapter) -> dict:
     return {"sha256": digests, **adapter.summary()}
 
 
+def applied_delta(path: Path) -> DeltaInputs:
+    """What `recycler apply` adds: a stored Δ artifact, or a LoRA adapter's factors (scale·B·A, no
+    base needed unless it saves modules whole)."""
+    return adapter_delta(path, None) if is_adapter(path) else stored_delta(path)
+
+
 def fine_tune_delta(
     base_path: Path,
     tuned_path: Path,
