@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recycler.io.manifest import manifest_digest, sha256_file
+from recycler.io.manifest import fingerprint, manifest_digest
 from recycler.service import steps
 
 if TYPE_CHECKING:
@@ -23,16 +23,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def content_digests(folder: Path) -> dict[str, str]:
-    """sha256 of the files that make a fine-tune's weights and config: what an adoption depends on."""
-    names = (
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "config.json",
-        "model.safetensors.index.json",
-    )
-    files = [p for p in sorted(Path(folder).iterdir()) if p.name in names or p.name.endswith(".safetensors")]
-    return {p.name: sha256_file(p).sha256 for p in files}
+def content(finetune: Path) -> dict:
+    """What an adoption depends on: the adapter's files, or every weight file of the checkpoint."""
+    from recycler.io.adapter import is_adapter, open_adapter
+    from recycler.io.checkpoint import open_checkpoint
+    from recycler.stages.sources import adapter_fingerprint
+
+    if is_adapter(finetune):
+        return adapter_fingerprint(open_adapter(finetune))
+    return fingerprint(open_checkpoint(finetune), full=True)
 
 
 def adopt_step(base: Path, finetune: Path, dest: Path, spec: CycleSpec) -> dict:
@@ -45,7 +44,7 @@ def adopt_step(base: Path, finetune: Path, dest: Path, spec: CycleSpec) -> dict:
     from recycler.stages.apply import recycle
 
     adapter = is_adapter(finetune)
-    inputs = {"op": "adopt", "base": manifest_digest(base), "finetune": content_digests(finetune)}
+    inputs = {"op": "adopt", "base": manifest_digest(base), "finetune": content(finetune)}
     if not steps.reusable(dest, inputs):
         recycle(base, finetune, base, dest, overwrite=True, allow_other_base=True, max_relative_norm=spec.max_relative_norm)  # fmt: skip
         log.info("adopted %s %s as the fine-tune of %s", "adapter" if adapter else "fine-tune", finetune, dest.parent.name)  # fmt: skip
