@@ -135,16 +135,17 @@ def run_transfer(
     form = request.adapter.model_dump() if request.adapter else None
     extra = [(v.digest, p.alpha) for p, v in zip(request.add, added, strict=True)]
     key = _content_key(delta_v.digest, base_v.digest, request.alpha, form, extra)
+    alphas = [request.alpha] + [p.alpha for p in request.add]
+    composition = composed_of([v.reference for v in (delta_v, *added)], alphas) if added else ""
     params = {"how": how, "diff": delta_v.reference, "target": target_version, "base": base_v.reference,
               "family": family, "variant": variant, "alpha": request.alpha, "output": request.output,
               **({"adapter": request.adapter.label()} if request.adapter else {}),
-              **({"composed_of": composed_of([delta_v.reference] + [v.reference for v in added],
-                                             [request.alpha] + [p.alpha for p in request.add])} if added else {})}  # fmt: skip
+              **({"composed_of": composition} if composition else {})}  # fmt: skip
     name = f"{how} {delta_v.reference} → {target_version}"
     key_of_run = f"{how}/{family}/{variant}/{target_version}/{key}"
     with keyed_run(key_of_run, name, params, tag=TRANSFER_TAG, settings=svc.settings) as run_id:
         t = _Transfer(how, svc, run, request, Workspace.for_release(svc.settings.home, family, variant, target_version), run_id)  # fmt: skip
-        result = t.perform(delta_v, base_v, key, added)
+        result = t.perform(delta_v, base_v, key, added, composition)
         run(f"log {how}", log_transfer, svc, result)
     log.info("%s of %s onto %s: accuracy %.1f%% → %.1f%%; registered %s", how, result.diff, result.base,
              100 * result.scores["base"], 100 * result.scores["merged"], result.registered)  # fmt: skip
@@ -162,7 +163,7 @@ class _Transfer:
     ws: Workspace
     run_id: str | None
 
-    def perform(self, delta_v: RegisteredVersion, base_v: RegisteredVersion, key: str, added: list[RegisteredVersion]) -> TransferResult:  # fmt: skip
+    def perform(self, delta_v: RegisteredVersion, base_v: RegisteredVersion, key: str, added: list[RegisteredVersion], composition: str) -> TransferResult:  # fmt: skip
         run, svc, ws, how, req, target = self.run, self.svc, self.ws, self.how, self.request, self.ws.version
         base = run(f"fetch base {target}", steps.fetch_verified, svc.store, base_v.artifact, ws.root / "base-fetched")  # fmt: skip
         fetched = ws.root / f"diff-{delta_v.digest[:16]}"
@@ -178,14 +179,11 @@ class _Transfer:
                 release_fingerprint=base_v.fingerprint, parent_run=self.run_id,
             )  # fmt: skip
         else:
-            status = {}
+            status = {"composed_of": composition} if composition else {}
             if added:  # base + α·Δ + Σ α_i·Δ_i, rounded once
                 diffs = [diff] + [run(f"fetch Δ {v.reference}", steps.fetch_verified, svc.store, v.artifact, ws.root / f"diff-{v.digest[:16]}") for v in added]  # fmt: skip
                 alphas = [req.alpha] + [p.alpha for p in req.add]
-                status["composed_of"] = composed_of(
-                    [delta_v.reference] + [v.reference for v in added], alphas
-                )
-                label = f"compose {status['composed_of']} onto base {target}"
+                label = f"compose {composition} onto base {target}"
                 out = run(label, compose_step, base, diffs, alphas, ws.transfer(how, key), parent_run=self.run_id, name=label)  # fmt: skip
             else:
                 apply = f"apply Δ {delta_v.reference} to base {target}"
