@@ -147,6 +147,7 @@ def backport_command(
     and --task are needed (evaluation settings at their defaults). `--output adapter` registers the
     Δ as a LoRA adapter for that base instead of a merged model, scored as base + B·A.
     """
+    from recycler.service.composition import ComposedPart
     from recycler.service.spec import AdapterForm, EvalSettings, load_spec
     from recycler.service.transfer import TransferRequest
 
@@ -156,8 +157,6 @@ def backport_command(
         raise typer.BadParameter("--rank and --energy go with --output adapter")
     family_spec = load_spec(spec) if spec else None
     evaluation = EvalSettings(task=task) if task else None
-    from recycler.service.composition import ComposedPart
-
     try:
         parts = tuple(ComposedPart.parse(a) for a in add or ())
     except ValueError as e:
