@@ -84,26 +84,21 @@ def scores_figure(result: CycleResult) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    labels = {
-        "base": "M",
-        "merged": "M + Δ\n(no training)",
-        "ft": "FT(start)",
-        "ft_from_base": "FT(M)",
-        "lora": "M + B·A\n(adapter)",
+    bars = {  # score → (bar label, colour)
+        "base": ("M", "#9aa"),
+        "merged": ("M + Δ\n(no training)", "#e9a545"),
+        "ft": ("FT(start)", "#4a8"),
+        "ft_from_base": ("FT(M)", "#68c"),
+        "lora": ("M + B·A\n(adapter)", "#c68"),
     }
-    keys = [k for k in labels if k in result.scores]
+    keys = [k for k in bars if k in result.scores]
     fig = Figure(figsize=(6, 3.6))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    bars = ax.bar(
-        [labels[k] for k in keys],
-        [100 * result.scores[k] for k in keys],
-        color=[
-            {"base": "#9aa", "merged": "#e9a545", "ft": "#4a8", "ft_from_base": "#68c", "lora": "#c68"}[k]
-            for k in keys
-        ],
+    drawn = ax.bar(
+        [bars[k][0] for k in keys], [100 * result.scores[k] for k in keys], color=[bars[k][1] for k in keys]
     )
-    ax.bar_label(bars, fmt="%.1f%%")
+    ax.bar_label(drawn, fmt="%.1f%%")
     ax.set(
         ylabel="accuracy (%)",
         ylim=(0, 105),
