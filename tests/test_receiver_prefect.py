@@ -184,7 +184,9 @@ def test_a_release_uploaded_to_s3_starts_its_cycle_through_serve_and_its_receive
 
             cycle = wait_for("the cycle's flow run", lambda: [r for r in flow_runs(client, flow="release-cycle") if r.start_time], 90)[0]  # fmt: skip
             watcher = next(
-                r for r in flow_runs(client, flow="watch-releases") if r.parameters.get("announced")
+                r
+                for r in flow_runs(client, flow="watch-releases")
+                if str(r.parameters.get("announced", "")).startswith("e2e@")
             )
             latency = cycle.start_time.timestamp() - last_object
 
