@@ -6,16 +6,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test test-fast test-slow demo bench lint clean ui-screens
 
-$(STAMP): pyproject.toml
-	# Debian packages: PostgreSQL server binaries (the production-like MLflow backend in the tests) and
-	# Graphviz (the lineage pictures).
-	@{ { ls /usr/lib/postgresql/*/bin/initdb || command -v initdb; } && command -v dot; } >/dev/null 2>&1 || \
-		{ command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql graphviz >/dev/null); } || \
-		echo "warning: PostgreSQL or Graphviz missing and apt-get unavailable: their tests are skipped (failed in CI)"
+$(STAMP): pyproject.toml recycler/delta/_native.c
+	# Debian packages: PostgreSQL server binaries (the production-like MLflow backend in the tests),
+	# Graphviz (the lineage pictures) and a C compiler (the Δ engine's kernels, recycler/delta/_native.c;
+	# released wheels carry them compiled, an editable install builds them here).
+	@{ { ls /usr/lib/postgresql/*/bin/initdb || command -v initdb; } && command -v dot && command -v cc; } >/dev/null 2>&1 || \
+		{ command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql graphviz gcc libc6-dev >/dev/null); } || \
+		echo "warning: PostgreSQL, Graphviz or a C compiler missing and apt-get unavailable: their tests are skipped or fail"
 	$(PY) -m venv $(VENV)
 	# The CPU wheel of torch first, so nothing pulls a multi-GB CUDA build; the project asks only for torch>=2.6.
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/python -c "import recycler.delta._native"  # optional for pip (a compiler-less install works), not here
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -77,7 +77,7 @@ def check() -> None:
     d = data(7)
     for name in ops(fast.Reference(), d, Scratch()):
         a = ops(fast.Reference(), d, Scratch())[name]().copy()
-        b = ops(fast.Fused(), d, Scratch())[name]().copy()
+        b = ops(fast.Fused(fast.NATIVE), d, Scratch())[name]().copy()
         assert np.array_equal(a, b), name
 
 
@@ -91,7 +91,7 @@ def main() -> None:
     print("| kernel | threads | " + " | ".join(["diff", "apply", "apply α=0.7", "recycle"]) + " |")
     print("|---|---|---|---|---|---|")
     for t in (int(x) for x in args.threads.split(",")):
-        for k in (fast.Reference(), fast.Fused()):
+        for k in (fast.Reference(), fast.Fused(fast.NATIVE)):
             r = run(k, t, args.chunks, args.repeat)
             print(f"| {k.name} | {t} | " + " | ".join(f"{v:.2f} ns" for v in r.values()) + " |", flush=True)
 

@@ -13,6 +13,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU wheel from PyTorch's CPU index (~200 MB instead of several GB of CUDA libraries); the project
 # asks only for torch>=2.6, so the install below keeps it.
+# gcc builds the Δ engine's C kernels (recycler/delta/_native.c) in this stage only; the runtime has none.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv \
  && pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
 COPY pyproject.toml README.md /src/
@@ -22,7 +27,8 @@ COPY flows /src/flows
 RUN pip install "/src[lora]" \
         "accelerate==1.16.0" "transformers==5.24.0" "safetensors==0.8.0" \
         "prefect==3.9.1" "fastapi==0.150.0" "sqlalchemy[asyncio]==2.0.58" \
-        "mlflow==3.17.2" "prefect-aws==0.7.12" "prefect-kubernetes==0.8.0" "boto3==1.44.5" "peft==0.21.2"
+        "mlflow==3.17.2" "prefect-aws==0.7.12" "prefect-kubernetes==0.8.0" "boto3==1.44.5" "peft==0.21.2" \
+ && python -c "import recycler.delta._native"  # the extension is optional for pip: not for the image
 
 # ---- runtime --------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

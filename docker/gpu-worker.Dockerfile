@@ -12,7 +12,7 @@ FROM ${CUDA_IMAGE} AS build
 ARG DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
+ && apt-get install -y --no-install-recommends python3.12 python3.12-venv python3.12-dev gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
@@ -27,7 +27,8 @@ COPY flows /src/flows
 RUN pip install "/src[lora]" \
         "accelerate==1.16.0" "transformers==5.24.0" "safetensors==0.8.0" \
         "prefect==3.9.1" "fastapi==0.150.0" "sqlalchemy[asyncio]==2.0.58" \
-        "mlflow==3.17.2" "prefect-aws==0.7.12" "boto3==1.44.5" "peft==0.21.2"
+        "mlflow==3.17.2" "prefect-aws==0.7.12" "boto3==1.44.5" "peft==0.21.2" \
+ && python -c "import recycler.delta._native"  # built with the build stage's gcc (optional for pip)
 
 # ---- runtime: same CUDA base, the venv, a non-root user -----------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime

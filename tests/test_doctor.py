@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from recycler.cli.doctor import register
 from recycler.doctor import CheckResult, failed
 from recycler.doctor import run_doctor as _run_doctor
-from recycler.doctor.packages import audit_report, check_pins, check_vulnerabilities
+from recycler.doctor.packages import audit_report, check_kernels, check_pins, check_vulnerabilities
 from recycler.doctor.registry import check_locks
 from recycler.doctor.storage import (
     LIFECYCLE_RULE_ID,
@@ -105,6 +105,13 @@ def test_prefect_pins():
     assert check_pins({**GOOD, "prefect": None, "fastapi": "0.200.0"}) == []
     assert check_pins({**GOOD, "prefect": "3.10.0", "fastapi": "0.200.0"}) == []
     assert by_name(check_pins({**GOOD, "fastapi": None}))["pin fastapi"].status == "fail"
+
+
+def test_kernels_check_says_which_kernels_compute(local):
+    assert check_kernels(True).status == "ok"
+    slow = check_kernels(False)
+    assert slow.status == "warn" and "numpy" in slow.detail and "C compiler" in slow.detail
+    assert by_name(run_doctor(local[0]))["Δ kernels"].status == "ok"  # `make setup` built them here
 
 
 def test_pip_audit_report_is_read_without_claiming_unaudited_packages_are_clean():

@@ -26,22 +26,14 @@ ThreadsOpt = Annotated[
 ]
 
 
-def _engine_threads(threads: int | None, model: Path) -> None:
+def _engine_threads(threads: int | None) -> None:
     """The engine parallelises across chunks (one kernel call per core at a time): OpenBLAS's own
     threads (np.dot) would only oversubscribe the cores. Effective if numpy is not imported yet.
-    `--threads` reaches the engine through RECYCLER_THREADS (`recycler.io.reader.compute_threads`).
-    For a large model the compiled kernels start loading now, beside the command's own start-up."""
+    `--threads` reaches the engine through RECYCLER_THREADS (`recycler.io.reader.compute_threads`)."""
     if "numpy" not in sys.modules:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     if threads is not None:
         os.environ["RECYCLER_THREADS"] = str(threads)
-    from recycler.delta.fast import prefetch
-
-    try:
-        nbytes = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
-    except OSError:
-        return  # the command names the problem
-    prefetch(nbytes // 2)  # elements, if 16-bit (an over-estimate for float32 only starts it early)
 
 
 def _policy(
@@ -158,7 +150,7 @@ def diff(
         delta = fine_tune_delta(base, tuned, allow_other_base=allow_other_base)
         write_lora(delta, output, rank, energy, None, base, [base, tuned], overwrite)
         return
-    _engine_threads(threads, base)
+    _engine_threads(threads)
     if rank is not None or energy is not None:
         raise typer.BadParameter("--rank and --energy go with --as-lora")
     from recycler.io.checkpoint import open_checkpoint
@@ -252,7 +244,7 @@ def apply(
     threads: ThreadsOpt = None,
 ) -> None:
     """Write TARGET + α·Δ (or TARGET + Σ α_i·Δ_i) as a checkpoint that loads with from_pretrained."""
-    _engine_threads(threads, target)
+    _engine_threads(threads)
     from recycler.stages.apply import apply_diff
     from recycler.stages.compose import compose, parse_rule
     from recycler.stages.sources import applied_delta
@@ -303,7 +295,7 @@ def recycle(
 
     Refused as `diff` refuses (unrelated models, changed non-float tensors). TUNED may be a LoRA adapter.
     """
-    _engine_threads(threads, target)
+    _engine_threads(threads)
     from recycler.stages.apply import recycle as run
 
     policy = _policy(alpha, include, exclude, only_in_delta, vocab, tokenizer_from)

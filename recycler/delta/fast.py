@@ -1,19 +1,20 @@
-"""Which kernels compute a run: the fused compiled ones (`recycler.delta.fused`) or the numpy reference.
+"""Which kernels compute a run: the fused compiled ones (`recycler.delta._native`, C) or the numpy reference.
 
-Both give the same bytes (tests/test_fused.py), so the choice is only about speed. The fused kernels
-cost numba's import and the load of their compiled code from the on-disk cache (≈0.3 s warm, a few
-seconds once after an install), so a run uses them only when it has enough elements to repay that
-(`FUSED_MIN`); `RECYCLER_KERNELS=fused|numpy` forces either (tests, benchmarks, a machine where numba
-cannot run). Dtypes the fused kernels do not handle (F64, F8, integers) and every refusal (NaN/Inf,
-overflow: the reference names the culprit) go to the reference kernels, chunk by chunk.
+Both give the same bytes (tests/test_native.py), so the choice is only about speed. The fused kernels
+are a C extension on the stable ABI (`recycler/delta/_native.c`): loading it costs a millisecond and
+no memory worth counting, so every run uses it when it is installed. Where it is not (a source install
+on a machine without a C compiler: the extension is optional) the numpy kernels compute the same bytes,
+slower, and `recycler doctor` says so. `RECYCLER_KERNELS=fused|numpy` forces either (tests,
+benchmarks); `fused` without the extension is an error. Dtypes the fused kernels do not handle (F64,
+F8, integers) and every refusal (NaN/Inf, overflow: the reference names the culprit) go to the
+reference kernels, chunk by chunk.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import threading
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Protocol
 
 import numpy as np
@@ -23,11 +24,20 @@ from recycler.delta.bits import bits
 from recycler.delta.kernels import Blocks, DenseBlocks, DiffChunk, PairBlocks, Scratch, StoredBlocks
 from recycler.delta.residual import EMPTY, ChunkResidual
 
-FUSED_MIN = 1 << 24  # elements in a run (32 MB of bf16) from which the fused kernels pay for themselves
 ENV = "RECYCLER_KERNELS"
+CODES = {"BF16": 0, "F16": 1, "F32": 2}  # the C module's dtype codes
+OK = 0  # its status for a computed chunk (1: NaN/Inf or an overflow somewhere: the reference decides)
+
+try:
+    from recycler.delta import _native as _NATIVE_MODULE
+except ImportError:  # built without a compiler: the numpy kernels
+    _NATIVE_MODULE = None
+NATIVE: ModuleType | None = _NATIVE_MODULE
 
 
 class Kernels(Protocol):
+    name: str
+
     def diff_chunk(
         self,
         base: np.ndarray,
@@ -87,15 +97,9 @@ class Fused:
 
     name = "fused"
 
-    def __init__(self) -> None:
-        self.k = _load_fused()
-        self._lock = threading.Lock()
+    def __init__(self, native: ModuleType) -> None:
+        self.k = native
         self.fallbacks = 0  # chunks handed to the reference (tests check the fused path ran)
-
-    def _kernel(self, factory, *key):
-        """The compiled kernel for `key`, loaded (or compiled) once even when threads ask together."""
-        with self._lock:
-            return factory(*key)
 
     def diff_chunk(
         self,
@@ -107,18 +111,21 @@ class Fused:
         store: str,
         sc: Scratch,
     ) -> DiffChunk:
-        codes = self.k.CODES
+        codes = CODES
         if not (bdt in codes and tdt in codes and store in codes):
             self.fallbacks += 1
             return ref.diff_chunk(base, bdt, tuned, tdt, out, store, sc)
         n = len(base)
         sp = _sparse(sc, n)
         check_rt = ref.roundtrip_checked(bdt, tdt)
-        kernel = self._kernel(self.k.diff_kernel, codes[bdt], codes[tdt], codes[store], check_rt)
-        status, ne, nr = kernel(
-            bits(base), bits(tuned), bits(out), sp.exc_idx, sp.exc_val, sp.rt_idx, sp.sums
+        status, ne, nr = self.k.diff(
+            codes[bdt],
+            codes[tdt],
+            codes[store],
+            check_rt,
+            *(bits(base), bits(tuned), bits(out), sp.exc_idx, sp.exc_val, sp.rt_idx, sp.sums),
         )
-        if status != self.k.OK:  # NaN/Inf: the reference says where (and raises)
+        if status != OK:  # NaN/Inf: the reference says where (and raises)
             self.fallbacks += 1
             return ref.diff_chunk(base, bdt, tuned, tdt, out, store, sc)
         exc = (sp.exc_idx[:ne].copy(), sp.exc_val[:ne].copy()) if ne else (EMPTY.exc_idx, EMPTY.exc_val)
@@ -138,15 +145,15 @@ class Fused:
         *,
         exact_roundtrip: bool,
     ) -> None:
-        status = self._apply(target, dtype, out, delta, np.float32(alpha), exact_roundtrip)
-        if status != self.k.OK:  # not covered, or a refusal the reference names
+        status = self._apply(target, dtype, out, delta, float(np.float32(alpha)), exact_roundtrip)
+        if status != OK:  # not covered, or a refusal the reference names
             self.fallbacks += 1
             ref.apply_chunk(target, dtype, out, delta, alpha, sc, exact_roundtrip=exact_roundtrip)
 
     def _apply(
-        self, target: np.ndarray, dtype: str, out: np.ndarray, delta: Blocks, a32: np.float32, exact: bool
+        self, target: np.ndarray, dtype: str, out: np.ndarray, delta: Blocks, a32: float, exact: bool
     ) -> int | None:
-        codes, k = self.k.CODES, self.k
+        codes, k = CODES, self.k
         if dtype not in codes:
             return None
         code, tb, ob = codes[dtype], bits(target), bits(out)
@@ -156,49 +163,24 @@ class Fused:
             r = delta.res
             fix = exact and len(r.rt_idx) > 0 and r.rt_base.dtype == target.dtype == r.rt_tuned.dtype
             rt = (r.rt_idx, bits(r.rt_base), bits(r.rt_tuned)) if fix else (_EMPTY_I, tb[:0], tb[:0])
-            kernel = self._kernel(k.apply_stored_kernel, code, codes[delta.store])
-            return kernel(tb, ob, bits(delta.stored), r.exc_idx, r.exc_val, *rt, a32)
+            stored = bits(delta.stored)
+            return k.apply_stored(code, codes[delta.store], tb, ob, stored, r.exc_idx, r.exc_val, *rt, a32)
         if isinstance(delta, PairBlocks):
             if delta.bdt not in codes or delta.tdt not in codes:
                 return None
             fix = exact and delta.bdt == delta.tdt == dtype and ref.roundtrip_checked(delta.bdt, delta.tdt)
             b, t = bits(delta.base), bits(delta.tuned)
-            kernel = self._kernel(k.apply_pair_kernel, code, codes[delta.bdt], codes[delta.tdt], bool(fix))
-            return kernel(tb, ob, b, t, a32)
+            sums = np.zeros(2) if delta.measure else None
+            status = k.apply_pair(code, codes[delta.bdt], codes[delta.tdt], bool(fix), tb, ob, b, t, a32, sums)
+            if status == OK and sums is not None:
+                delta.record(float(sums[0]), float(sums[1]))
+            return status
         if isinstance(delta, DenseBlocks):
-            return self._kernel(k.apply_dense_kernel, code)(tb, ob, delta.d32, a32)
+            return k.apply_dense(code, tb, ob, delta.d32, a32)
         return None
 
 
-def _load_fused():
-    """Import the fused kernels and set up numba's compiler context (what loading a cached kernel
-    needs). numba's probe for a BLAS imports scipy.linalg (0.5 s here) when scipy is installed; the
-    kernels use no BLAS, so the probe is answered "none" unless scipy.linalg is already loaded."""
-    block = "scipy.linalg" not in sys.modules
-    if block:
-        sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # import → ImportError
-    try:
-        from numba.core.registry import cpu_target
-
-        from recycler.delta import fused  # numba: imported only when a run chooses these kernels
-
-        cpu_target.target_context.refresh()
-    finally:
-        if block and "scipy.linalg" in sys.modules and sys.modules["scipy.linalg"] is None:
-            del sys.modules["scipy.linalg"]
-    return fused
-
-
 _FUSED: Fused | None = None
-_FUSED_LOCK = threading.Lock()
-
-
-def _fused() -> Fused:
-    global _FUSED
-    with _FUSED_LOCK:
-        if _FUSED is None:
-            _FUSED = Fused()
-        return _FUSED
 
 
 def _mode() -> str:
@@ -208,16 +190,22 @@ def _mode() -> str:
     return mode
 
 
-def choose(elements: int) -> Kernels:
-    """The kernels for a run over `elements` elements (see the module docstring)."""
+def available() -> bool:
+    """Whether the compiled kernels are installed (a source install without a compiler has none)."""
+    return NATIVE is not None
+
+
+def choose() -> Kernels:
+    """The kernels for a run (see the module docstring)."""
+    global _FUSED
     mode = _mode()
-    if mode == "numpy" or (mode == "auto" and elements < FUSED_MIN):
+    if mode == "numpy" or (mode == "auto" and NATIVE is None):
         return Reference()
-    return _fused()
-
-
-def prefetch(elements: int) -> None:
-    """Load the fused kernels on a background thread if a run of `elements` will choose them, so
-    numba's start-up overlaps the command's own (reading headers, planning) instead of following it."""
-    if _FUSED is None and _mode() != "numpy" and (elements >= FUSED_MIN or _mode() == "fused"):
-        threading.Thread(target=_fused, name="load-kernels", daemon=True).start()
+    if NATIVE is None:
+        raise ImportError(
+            f"{ENV}=fused but recycler.delta._native is not built: reinstall with a C compiler "
+            "(pip install --force-reinstall --no-deps recycler) or unset it to use the numpy kernels"
+        )
+    if _FUSED is None:
+        _FUSED = Fused(NATIVE)
+    return _FUSED

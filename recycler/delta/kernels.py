@@ -169,8 +169,13 @@ class StoredBlocks:
 class PairBlocks:
     """Δ blocks computed on the fly from base and fine-tuned chunks (recycle: Δ is never stored)."""
 
+    measure = False  # True: the fused kernel also sums Σd32², Σbase² and passes them to `record`
+
     def __init__(self, base: np.ndarray, bdt: str, tuned: np.ndarray, tdt: str):
         self.base, self.bdt, self.tuned, self.tdt = base, bdt, tuned, tdt
+
+    def record(self, sumsq_delta: float, sumsq_base: float) -> None:
+        """The fused kernel's sums over the whole chunk (called only when `measure`)."""
 
     def fill(self, s: int, e: int, w: np.ndarray, sc: Scratch) -> np.ndarray:
         f = widen(self.tuned[s:e], self.tdt, w)

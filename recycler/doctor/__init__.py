@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from recycler.delta import fast
 from recycler.doctor import packages
 from recycler.doctor.registry import check_artifacts, check_chains, check_locks
 from recycler.doctor.result import CheckResult, first_line
@@ -79,6 +80,7 @@ def run_doctor(
     if audit:
         run("vulnerabilities", packages.check_vulnerabilities)
     run("pins", lambda: packages.check_pins(packages.installed_versions()))
+    run("kernels", lambda: packages.check_kernels(fast.available()))
     registry, no_registry = _open_registry(run, settings, timeout, prefect_api_url)
     store = _store_checks(run, settings, timeout, fix, upload_age)
     if registry is not None:

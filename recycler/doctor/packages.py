@@ -73,6 +73,20 @@ def check_pins(installed: Mapping[str, str | None]) -> list[CheckResult]:
     return results
 
 
+def check_kernels(compiled: bool) -> CheckResult:
+    """Which kernels the Δ engine computes with: the compiled extension, or (a source install on a
+    machine without a C compiler) the numpy reference: the same bytes, several times the CPU time.
+    Pure: pass `recycler.delta.fast.available()`."""
+    if compiled:
+        return CheckResult(name="Δ kernels", status="ok", detail="compiled (recycler.delta._native)")
+    detail = (
+        "numpy reference kernels: recycler.delta._native is not built, so diff/apply/recycle take "
+        "several times the CPU (same bytes); install a released wheel, or a C compiler and "
+        "`pip install --force-reinstall --no-deps recycler`"
+    )
+    return CheckResult(name="Δ kernels", status="warn", detail=detail)
+
+
 def audit_report(report: Mapping) -> CheckResult:
     """Turn pip-audit's JSON report into one finding: fail on any known vulnerability, warn when
     packages could not be audited (so "no vulnerabilities" is never claimed for packages not checked)."""

@@ -63,7 +63,7 @@ def stream_diff(
     """Compute every planned Δ tensor (stored dtype = its plan dtype) into `writer`, residual alongside."""
     chunks = ChunkReader()
     numels = [math.prod(t.shape) for t in plan]
-    kernels = choose(sum(numels))
+    kernels = choose()
 
     def compute(item: tuple[int, int, int]):
         i, start, count = item
@@ -139,7 +139,7 @@ def stream_apply(
     chunks = ChunkReader()
     work = prepare_jobs(jobs, opener, chunks, alpha)
     numels = [j.entry.numel for j in work]
-    kernels = choose(sum(n for j, n in zip(work, numels, strict=True) if j.source is not None))
+    kernels = choose()
 
     def compute(item: tuple[int, int, int]) -> tuple[int, np.ndarray, int]:
         i, start, count = item

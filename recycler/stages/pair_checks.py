@@ -90,12 +90,18 @@ def _same_bytes(chunks: ChunkReader, a: TensorEntry, b: TensorEntry) -> bool:
 
 
 class MeasuredBlocks(PairBlocks):
-    """Pair blocks that record Σd32² and Σbase² of every block they produce, keyed by position, so a
-    chunk read twice (a tied head fed by the embedding's Δ) counts once."""
+    """Pair blocks that record Σd32² and Σbase² of every block they produce (the numpy kernels) or of
+    the whole chunk (the fused kernel, in the same pass as the output), keyed by position, so a chunk
+    read twice (a tied head fed by the embedding's Δ) counts once."""
+
+    measure = True
 
     def __init__(self, base, bdt, tuned, tdt, name: str, start: int, tally: dict):
         super().__init__(base, bdt, tuned, tdt)
         self.name, self.start, self.tally = name, start, tally
+
+    def record(self, sumsq_delta: float, sumsq_base: float) -> None:
+        self.tally[(self.name, self.start)] = (len(self.base), sumsq_delta, sumsq_base)
 
     def fill(self, s: int, e: int, w: np.ndarray, sc: Scratch) -> np.ndarray:
         d = super().fill(s, e, w, sc)
