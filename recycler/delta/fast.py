@@ -171,7 +171,9 @@ class Fused:
             fix = exact and delta.bdt == delta.tdt == dtype and ref.roundtrip_checked(delta.bdt, delta.tdt)
             b, t = bits(delta.base), bits(delta.tuned)
             sums = np.zeros(2) if delta.measure else None
-            status = k.apply_pair(code, codes[delta.bdt], codes[delta.tdt], bool(fix), tb, ob, b, t, a32, sums)
+            status = k.apply_pair(
+                code, codes[delta.bdt], codes[delta.tdt], bool(fix), tb, ob, b, t, a32, sums
+            )
             if status == OK and sums is not None:
                 delta.record(float(sums[0]), float(sums[1]))
             return status
