@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-slow demo bench lint clean ui-screens
+.PHONY: setup test test-fast test-slow demo bench lint clean ui-screens wheel
 
 $(STAMP): pyproject.toml recycler/delta/_native.c
 	# Debian packages: PostgreSQL server binaries (the production-like MLflow backend in the tests),
@@ -54,3 +54,9 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+# A wheel with the compiled Δ kernels (tagged cp311-abi3: every Python ≥ 3.11 on this platform) in dist/.
+# Release builds for every platform: cibuildwheel (pyproject.toml [tool.cibuildwheel]).
+wheel: setup
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
+	@ls dist/*.whl

@@ -84,10 +84,11 @@ INLINE uint32_t widen(uint32_t x, int code) {
     return x;
 }
 
-/* float32 bits → `code` bits, RNE, for finite values and ±Inf. Computed in 64 bits as numba did, so
- * no pattern wraps (NaNs never get here: they are refused before their rounding matters). */
+/* float32 bits → `code` bits, RNE, for finite values and ±Inf. 32-bit lanes (twice the vector width of
+ * 64): only NaN patterns above 0xFFFF8000 would wrap, and a NaN is refused before its rounding matters
+ * (the kernels return NONFINITE and the reference raises). */
 INLINE uint32_t rne(uint32_t u, int code) {
-    if (code == BF16) return (uint32_t)(((uint64_t)u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    if (code == BF16) return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     if (code == F16) return f32_to_f16(u);
     return u;
 }
