@@ -41,7 +41,8 @@ class DirectWriter:
     """A sequentially written file: `write()` / `write_owned()` bytes, then `close()` or `abort()`.
 
     `write` copies into an aligned staging buffer; `write_owned` hands an aligned caller buffer to the
-    I/O thread as it is (no copy) when the file position allows, and calls `release` once written.
+    I/O thread as it is (no copy) when the file position is on a block boundary (after a header padded
+    to one, the header is sent first), and calls `release` once written.
     """
 
     def __init__(self, path: Path, *, stage: int = STAGE, depth: int = 2):
@@ -76,13 +77,13 @@ class DirectWriter:
 
     def write_owned(self, buf: np.ndarray, nbytes: int, release: Callable[[], None]) -> None:
         """Write `buf[:nbytes]`; `release()` is called when `buf` may be reused."""
-        aligned = (
-            not self._fill and not self.size % ALIGN and not nbytes % ALIGN and not buf.ctypes.data % ALIGN
-        )
+        aligned = not self.size % ALIGN and not nbytes % ALIGN and not buf.ctypes.data % ALIGN
         if not aligned:
             self.write(buf[:nbytes])
             release()
             return
+        if self._fill:  # staged bytes (a header) ending on a block boundary go first, as they are
+            self._submit()
         self._raise()
         self._io.put((buf, nbytes, release))
         self.size += nbytes
