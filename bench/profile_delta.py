@@ -10,7 +10,7 @@ time of Python threads including C calls made from them: sha256, pread, numpy. E
 sample is classified by the innermost frame that belongs to recycler (or the standard library's
 hashing/file calls), using the text of that source line: `sha256`, `write`, `fsync`, `read`, `compute`
 (numpy kernels, or the fused compiled ones: native frames show as the Python line that calls them),
-`kernel load` (numba's import and set-up for the fused kernels), `import`, `start-up` (everything
+`kernel load` (numba's import and set-up, in checkouts from before the C kernels: `--src`), `import`, `start-up` (everything
 before the first chunk: CLI, validation, planning) and `other`. RECYCLER_KERNELS and RECYCLER_THREADS
 pass through to the commands. Needs py-spy (`pip install py-spy`).
 """
@@ -45,7 +45,7 @@ WAIT = re.compile(
 def classify(stack: list[str], src: Path) -> str:
     """Category of one sampled stack (outermost frame first)."""
     if any("_load_fused" in f for f in stack):
-        return "kernel load"  # numba's import and compiler context (on its own thread, beside start-up)
+        return "kernel load"  # numba's import and compiler context (engines before the C kernels)
     if any("_find_and_load" in f for f in stack):
         return "import"
     if stack and WAIT.match(stack[-1]):
