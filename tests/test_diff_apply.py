@@ -312,22 +312,3 @@ def test_verify_detects_tampering(delta, tmp_path):
 def test_verify_without_manifest(models):
     with pytest.raises(VerificationFailed, match="no manifest.json"):
         verify_folder(models["base"])
-
-
-def test_defaulted_apply_threads_leave_the_hashing_lanes_their_cores(monkeypatch):
-    """sha256 of the output (one lane per shard) costs more per element than the apply kernel, so a
-    defaulted count keeps a core per lane; an explicit --threads is taken as given."""
-    from recycler.io.reader import THREADS_ENV, threads_given
-    from recycler.stages.apply import _apply_workers
-
-    assert [_apply_workers(t, lanes) for t, lanes in ((1, 1), (2, 1), (2, 2), (4, 1), (4, 3))] == [
-        1,
-        1,
-        1,
-        3,
-        1,
-    ]
-    monkeypatch.delenv(THREADS_ENV, raising=False)
-    assert not threads_given()
-    monkeypatch.setenv(THREADS_ENV, "2")
-    assert threads_given()

@@ -46,3 +46,31 @@ def test_owned_chunks_after_a_header_are_written_as_given(tmp_path, monkeypatch,
         assert copied == len(want) - header
     else:  # the header (if any) is sent first, then each chunk as it is
         assert copied == 0
+
+
+@pytest.mark.parametrize("mode", ["", "1"])
+def test_reads_return_the_file_s_bytes_through_the_cache_or_around_it(tmp_path, monkeypatch, mode):
+    """Buffered with read-ahead by default; RECYCLER_READ_DIRECT=1 reads what is not cached with
+    O_DIRECT (aligned or not, via a bounce buffer). Same bytes either way, short only at the end."""
+    import os
+    from pathlib import Path
+
+    from recycler.io.direct import DirectReads, direct_reads, open_for_reads, pread_into
+
+    monkeypatch.setenv("RECYCLER_READ_DIRECT", mode)
+    assert direct_reads() == (mode == "1")
+    data = np.random.default_rng(3).integers(0, 256, 5 * ALIGN + 123, dtype=np.uint8).tobytes()
+    w = DirectWriter(tmp_path / "f")  # written around the page cache, so nothing of it is cached
+    w.write(data)
+    w.close()
+    path, reads = Path(tmp_path / "f"), DirectReads()
+    fd = open_for_reads(path)
+    try:
+        for offset, size in ((0, 2 * ALIGN), (ALIGN, ALIGN), (77, 3000), (4 * ALIGN, 2 * ALIGN)):
+            into = aligned_buffer(size)
+            got = pread_into(fd, path, offset, memoryview(into), reads)
+            want = data[offset : offset + size]
+            assert got == len(want) and into[:got].tobytes() == want
+    finally:
+        os.close(fd)
+        reads.close()

@@ -8,9 +8,13 @@ kernel time per GB, where O_DIRECT wrote 2.1 GB/s with 0.04 s (bench/RESULTS.md)
 * `DirectWriter` writes a file sequentially with O_DIRECT through aligned staging buffers, the disk
   I/O on its own thread (the caller hashes the next bytes meanwhile). Where O_DIRECT is refused
   (tmpfs, some network file systems) it falls back to ordinary writes.
-* `pread_into` reads what is cached from the page cache (`RWF_NOWAIT`) and the rest with O_DIRECT,
-  so a file written by `DirectWriter` (a Δ read back by `apply`) streams from the disk at its speed
-  instead of being faulted into the cache page by page.
+* `pread_into` reads through the page cache with sequential read-ahead. Reading what is not cached
+  with O_DIRECT instead (`RECYCLER_READ_DIRECT=1`: cached bytes via `RWF_NOWAIT`, the rest around the
+  cache) was this module's default until it was measured on a checkpoint larger than memory: a
+  13.5 GB recycle from a cold cache took 86.9 s with O_DIRECT reads and 40.9 s buffered, the O_DIRECT
+  copy floor 59.2 s (bench/RESULTS.md, 2026-12-06): the kernel's read-ahead keeps the disk busy while
+  2 MB synchronous O_DIRECT reads at queue depth 1–2 leave it idle between requests, and that matters
+  more than the page-cache cost that made writes go around it.
 """
 
 from __future__ import annotations
@@ -191,11 +195,14 @@ class DirectReads:
 
 
 def pread_into(fd: int, path: Path, offset: int, into: memoryview, direct: DirectReads) -> int:
-    """Fill `into` from `offset`: page-cached bytes as they are, the rest with O_DIRECT.
-
-    Returns the bytes read (short only at end of file).
+    """Fill `into` from `offset` through the page cache; with `direct_reads()`, page-cached bytes as
+    they are and the rest with O_DIRECT. Returns the bytes read (short only at end of file).
     """
     got = 0
+    if not direct_reads():
+        while got < len(into) and (n := os.preadv(fd, [into[got:]], offset + got)):
+            got += n
+        return got
     if RWF_NOWAIT:
         try:
             got = os.preadv(fd, [into], offset, RWF_NOWAIT)
@@ -235,12 +242,19 @@ def _read_direct(fd: int, offset: int, into: memoryview, direct: DirectReads) ->
     return have
 
 
+def direct_reads() -> bool:
+    """Read what is not cached with O_DIRECT (`RECYCLER_READ_DIRECT=1`) instead of through the cache."""
+    return os.environ.get("RECYCLER_READ_DIRECT", "") == "1"
+
+
 def open_for_reads(path: Path) -> int:
-    """A buffered descriptor for `pread_into`: no readahead, which would pull into the page cache
-    (at the cost this module avoids) exactly the bytes that `pread_into` reads around it."""
+    """A buffered descriptor for `pread_into`: sequential read-ahead (the engine reads each file front
+    to back), or none with O_DIRECT reads, which would pull into the page cache the very bytes that
+    `pread_into` reads around it."""
     fd = os.open(path, os.O_RDONLY)
-    if RWF_NOWAIT and hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    if hasattr(os, "posix_fadvise"):
+        advice = os.POSIX_FADV_RANDOM if direct_reads() and RWF_NOWAIT else os.POSIX_FADV_SEQUENTIAL
+        os.posix_fadvise(fd, 0, 0, advice)
     return fd
 
 

@@ -212,11 +212,6 @@ def compute_threads() -> Iterator[int]:
     yield int(value)
 
 
-def threads_given() -> bool:
-    """Whether the thread count was chosen ($RECYCLER_THREADS, `--threads`) rather than defaulted."""
-    return bool(os.environ.get(THREADS_ENV, "").strip())
-
-
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, window: int) -> Iterator[R]:
     """`map(fn, items)` on `workers` threads, results in order, at most `window` items in flight.
 

@@ -31,7 +31,7 @@ from recycler.io.manifest import (
     listed_file_problems,
     write_manifest,
 )
-from recycler.io.reader import WINDOW, compute_threads, threads_given
+from recycler.io.reader import WINDOW, compute_threads
 from recycler.io.safetensors import TensorEntry
 from recycler.io.writer import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedWriter
 from recycler.stages.engine import stream_apply
@@ -113,9 +113,8 @@ def transfer(
     plan = [PlannedTensor(j.entry.name, j.entry.dtype, j.entry.shape) for j in jobs]
     with atomic_folder(out, [target.path, *inputs], overwrite=overwrite) as tmp, ThreadPoolExecutor(1) as bg:
         checked = _start_check(bg, delta)
-        with compute_threads() as threads:
-            writer = ShardedWriter(tmp, plan, max_shard_bytes, pool=WINDOW + 3, lanes=threads)
-            workers = threads if threads_given() else _apply_workers(threads, writer.lanes)
+        with compute_threads() as workers:
+            writer = ShardedWriter(tmp, plan, max_shard_bytes, pool=WINDOW + 3, lanes=workers)
             try:
                 stream_apply(jobs, delta.open, policy.alpha, writer, on_progress, workers)
                 digests = writer.close()
@@ -187,11 +186,3 @@ def _chat_template(folder: Path) -> str | None:
         template = json.loads(cfg.read_text()).get("chat_template")
         return template if isinstance(template, str) else None
     return None
-
-
-def _apply_workers(threads: int, lanes: int) -> int:
-    """Chunk workers beside `lanes` hashing lanes when the count is defaulted. The apply kernel costs
-    ≈ 0.5 ns per element and sha256 of its output ≈ 1.3 ns (one lane hashes one shard, in order), so
-    the lanes are the long pole: give them their own cores rather than a third thread on two
-    (bench/RESULTS.md: recycle at 2 GB on 2 cores, 2.0 s with one worker against 2.5 s with two)."""
-    return max(1, threads - lanes)
