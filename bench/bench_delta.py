@@ -20,6 +20,7 @@ Every output is compared with the exact result (bench_data.mismatches, the READM
     python bench/bench_delta.py                       # 1 GB and 2 GB, 3 repetitions (medians)
     python bench/bench_delta.py --threads 1,2 --numpy # thread scaling, and today's kernels beside
     python bench/bench_delta.py --sizes 13.5          # the 7B-shaped scale run (cleans up after itself)
+    python bench/bench_delta.py --sizes 13.5 --cold --keep   # … every method from a cold page cache
     python bench/bench_delta.py --before /tmp/engine-before --repeat 1
 Set MERGEKIT_YAML to `mergekit-yaml` (default: /work/bench-env/bin/mergekit-yaml or PATH).
 """
@@ -245,6 +246,9 @@ def bench_size(size: float, args) -> list[dict]:
             run([sys.executable, "-c", FLOOR, str(p), str(p), str(p), str(work / "warm")])
             shutil.rmtree(work / "warm")
         for name, (cmds, env) in rows.items():
+            if args.cold:  # every method starts from disk, whatever the previous one left cached
+                subprocess.run(["sync"], check=True)
+                Path("/proc/sys/vm/drop_caches").write_text("3\n")  # needs root
             r = measure(name, cmds, env, work, paths, rep == 0 and not args.no_check, args.alpha)
             runs[name].append(r)
             print(json.dumps({"size": size, "rep": rep, **r}), flush=True)
@@ -309,6 +313,7 @@ def main() -> None:
     )
     ap.add_argument("--before", type=Path, help="a checkout of the old engine, run beside the new one")
     ap.add_argument("--keep", action="store_true", help="keep the 13.5 GB checkpoints afterwards")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every method (root)")
     ap.add_argument(
         "--ft-noise", type=float, default=2e-3, help="fine-tune noise (2e-4: a gentler fine-tune)"
     )
