@@ -23,6 +23,7 @@ from recycler.delta import fast
 from recycler.delta import kernels as ref
 from recycler.delta.bits import OVERFLOW_AT, bits, carrier, round_sparse, to_float32
 from recycler.delta.kernels import DenseBlocks, NonFiniteChunk, PairBlocks, Scratch, StoredBlocks
+from recycler.delta.residual import ChunkResidual
 
 if fast.NATIVE is None:  # the project's own build product: `make setup` builds it (needs a C compiler)
     pytest.fail(
@@ -477,3 +478,23 @@ def test_the_baseline_build_computes_the_same_bytes_as_the_one_this_machine_runs
                     got.append(bits(out).tobytes())
                 assert got[0] == got[1], (bdt, type(blocks).__name__, alpha)
     assert base_k.fallbacks == FUSED.fallbacks - before  # both handed the same chunks to the reference
+
+
+def test_residual_arrays_of_another_dtype_go_to_the_reference():
+    """The C kernel reads int64 indices and float32 values; anything else (a residual whose arrays
+    were forged or widened) is computed by the reference, never misread."""
+    m, mp = random_block("BF16", 9_000, 31)
+    t, _ = random_block("BF16", 9_000, 32)
+    blocks = sources(m, mp, "BF16", "BF16")["stored"]
+    res = blocks.res
+    assert len(res.exc_idx) > 0
+    odd = StoredBlocks(
+        blocks.stored, "BF16", ChunkResidual(res.exc_idx.astype(np.int32), res.exc_val.astype(np.float64))
+    )
+    before = FUSED.fallbacks
+    a, b = apply_both(t, "BF16", odd, 0.7, False)
+    assert FUSED.fallbacks == before + 1 and np.array_equal(bits(a), bits(b))
+    want = apply_both(
+        t, "BF16", StoredBlocks(blocks.stored, "BF16", ChunkResidual(res.exc_idx, res.exc_val)), 0.7, False
+    )
+    assert np.array_equal(bits(a), bits(want[0]))

@@ -90,6 +90,7 @@ def _sparse(sc: Scratch, n: int) -> _Sparse:
 
 
 _EMPTY_I = np.zeros(0, np.int64)
+_I64, _F32 = np.dtype(np.int64), np.dtype(np.float32)
 
 
 class Fused:
@@ -158,9 +159,9 @@ class Fused:
             return None
         code, tb, ob = codes[dtype], bits(target), bits(out)
         if isinstance(delta, StoredBlocks):
-            if delta.store not in codes:
-                return None
             r = delta.res
+            if delta.store not in codes or (r.exc_idx.dtype, r.exc_val.dtype) != (_I64, _F32):
+                return None  # the C kernel reads int64 indices and float32 values, nothing else
             fix = exact and len(r.rt_idx) > 0 and r.rt_base.dtype == target.dtype == r.rt_tuned.dtype
             rt = (r.rt_idx, bits(r.rt_base), bits(r.rt_tuned)) if fix else (_EMPTY_I, tb[:0], tb[:0])
             stored = bits(delta.stored)
@@ -177,7 +178,7 @@ class Fused:
             if status == OK and sums is not None:
                 delta.record(float(sums[0]), float(sums[1]))
             return status
-        if isinstance(delta, DenseBlocks):
+        if isinstance(delta, DenseBlocks) and delta.d32.dtype == _F32:
             return k.apply_dense(code, tb, ob, delta.d32, a32)
         return None
 
