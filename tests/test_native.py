@@ -22,6 +22,7 @@ import pytest
 from recycler.delta import fast
 from recycler.delta import kernels as ref
 from recycler.delta.bits import OVERFLOW_AT, bits, carrier, round_sparse, to_float32
+from recycler.delta.fp8 import NarrowOverflow, narrow_fp8
 from recycler.delta.kernels import DenseBlocks, NonFiniteChunk, PairBlocks, Scratch, StoredBlocks
 from recycler.delta.residual import ChunkResidual
 
@@ -114,6 +115,8 @@ def apply_both(target, dtype, blocks, alpha, exact):
             outs.append(out)
         except NonFiniteChunk as e:
             outs.append((e.role, e.count))
+        except NarrowOverflow as e:  # FP8's refusal
+            outs.append((e.dtype, e.value))
     return outs
 
 
@@ -477,6 +480,19 @@ def test_the_baseline_build_computes_the_same_bytes_as_the_one_this_machine_runs
                     k.apply_chunk(t, bdt, out, blocks, alpha, Scratch(), exact_roundtrip=alpha == 1.0)
                     got.append(bits(out).tobytes())
                 assert got[0] == got[1], (bdt, type(blocks).__name__, alpha)
+    for dtype in FP8:  # FP8 weights, Δ in float32
+        m, mp = fp8_codes(dtype, 20_001, 24)
+        t, _ = fp8_codes(dtype, 20_001, 25)
+        for blocks in sources(m, mp, dtype, "F32").values():
+            got = []
+            for k in (FUSED, base_k):
+                out = np.empty_like(t)
+                try:
+                    k.apply_chunk(t, dtype, out, blocks, 1.0, Scratch(), exact_roundtrip=False)
+                    got.append(out.tobytes())
+                except NarrowOverflow as e:  # the same refusal from both
+                    got.append(e.value)
+            assert got[0] == got[1], (dtype, type(blocks).__name__)
     assert base_k.fallbacks == FUSED.fallbacks - before  # both handed the same chunks to the reference
 
 
@@ -498,3 +514,87 @@ def test_residual_arrays_of_another_dtype_go_to_the_reference():
         t, "BF16", StoredBlocks(blocks.stored, "BF16", ChunkResidual(res.exc_idx, res.exc_val)), 0.7, False
     )
     assert np.array_equal(bits(a), bits(want[0]))
+
+
+# ---- FP8 (F8_E4M3 = float8_e4m3fn, F8_E5M2): weights in FP8, the Δ in float32 -------------------------
+
+FP8 = ["F8_E4M3", "F8_E5M2"]
+
+
+def fp8_codes(dtype: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(m, m′) as FP8 codes: every finite code, and fine-tunes a few codes away (finite both)."""
+    from recycler.delta.fp8 import WIDEN
+
+    finite = np.flatnonzero(np.isfinite(WIDEN[dtype])).astype(np.uint8)
+    g = np.random.default_rng(seed)
+    m = g.choice(finite, n)
+    step = g.integers(-3, 4, n)
+    mag = np.clip((m & 0x7F).astype(np.int64) + step, 0, int((finite & 0x7F).max()))
+    mp = (mag | (m & 0x80)).astype(np.uint8)
+    mp[~np.isfinite(WIDEN[dtype][mp])] = m[~np.isfinite(WIDEN[dtype][mp])]
+    return m, mp
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_fp8_every_finite_code_survives_widening_and_narrowing(dtype):
+    """Recycle onto +0 from base +0: out = round(widen(code)) must be the code itself."""
+    from recycler.delta.fp8 import WIDEN
+
+    codes = np.flatnonzero(np.isfinite(WIDEN[dtype])).astype(np.uint8)
+    codes = codes[codes != 0x80]  # −0: +0 + (−0 − +0) is +0
+    zeros, out = np.zeros(len(codes), np.uint8), np.empty(len(codes), np.uint8)
+    before = FUSED.fallbacks
+    FUSED.apply_chunk(
+        zeros, dtype, out, PairBlocks(zeros, dtype, codes, dtype), 1.0, Scratch(), exact_roundtrip=False
+    )
+    assert FUSED.fallbacks == before and np.array_equal(out, codes)
+
+
+def test_fp8_diffs_are_the_reference_s():
+    """FP8 Δs go to the numpy kernels by design (faster there: see _native.c)."""
+    m, mp = fp8_codes("F8_E4M3", 5_000, 40)
+    before = FUSED.fallbacks
+    (o1, o2), _ = diff_both(m, "F8_E4M3", mp, "F8_E4M3", "F32")
+    assert FUSED.fallbacks == before + 1 and np.array_equal(o1, o2)
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_fp8_narrowing_rounds_to_nearest_even_and_refuses_overflow_as_the_reference(dtype):
+    """Target +0, a float32 Δ u: out = round_FP8(u), against `narrow_fp8` (exact float64 midpoints),
+    on every midpoint between neighbouring codes ± 1 ulp, the overflow edges and random values."""
+    from recycler.delta.fp8 import OVERFLOW_AT, WIDEN
+
+    pos = np.unique(np.abs(WIDEN[dtype][np.isfinite(WIDEN[dtype])]).astype(np.float64))
+    mids = ((pos[:-1] + pos[1:]) / 2).astype(np.float32)
+    near = np.concatenate([mids, np.nextafter(mids, 0), np.nextafter(mids, np.inf), pos.astype(np.float32)])
+    edge = np.float32(OVERFLOW_AT[dtype])
+    edges = np.array(
+        [edge, np.nextafter(edge, 0), np.nextafter(edge, np.inf), 464.0, 59392.0, 57344.0], np.float32
+    )
+    g = np.random.default_rng(5)
+    rand = (g.standard_normal(50_000) * 10.0 ** g.uniform(-8, 4, 50_000)).astype(np.float32)
+    d = np.concatenate([near, -near, edges, -edges, rand])
+    target = np.zeros(len(d), np.uint8)
+    for chunk in np.array_split(d, 50):  # a chunk with an overflow is refused whole, as the reference does
+        assert_same_apply(target[: len(chunk)], dtype, DenseBlocks(np.ascontiguousarray(chunk)), 1.0, False)
+    ok = d[np.abs(d.astype(np.float64)) < OVERFLOW_AT[dtype]]
+    out = np.empty(len(ok), np.uint8)
+    before = FUSED.fallbacks
+    FUSED.apply_chunk(
+        np.zeros(len(ok), np.uint8), dtype, out, DenseBlocks(ok), 1.0, Scratch(), exact_roundtrip=False
+    )
+    assert FUSED.fallbacks == before  # computed by the C kernel, not handed back
+    want = np.empty(len(ok), np.uint8)
+    narrow_fp8(np.float32(0) + ok, dtype, want)
+    assert np.array_equal(out, want), (ok[out != want][:5], out[out != want][:5], want[out != want][:5])
+
+
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("alpha", [1.0, 0.7, -1.0])
+def test_fp8_diff_and_apply_on_random_blocks(dtype, alpha):
+    m, mp = fp8_codes(dtype, 70_001, 41)
+    t, _ = fp8_codes(dtype, 70_001, 42)
+    t[::3] = m[::3]
+    for blocks in sources(m, mp, dtype, "F32").values():
+        for exact in {alpha == 1.0, False}:
+            assert_same_apply(t, dtype, blocks, alpha, exact)

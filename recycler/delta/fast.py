@@ -6,8 +6,8 @@ no memory worth counting, so every run uses it when it is installed. Where it is
 on a machine without a C compiler: the extension is optional) the numpy kernels compute the same bytes,
 slower, and `recycler doctor` says so. `RECYCLER_KERNELS=fused|numpy` forces either (tests,
 benchmarks); `fused` without the extension is an error. Dtypes the fused kernels do not handle (F64,
-F8, integers) and every refusal (NaN/Inf, overflow: the reference names the culprit) go to the
-reference kernels, chunk by chunk.
+integers, FP8 mixed with other dtypes) and every refusal (NaN/Inf, overflow: the reference names the
+culprit) go to the reference kernels, chunk by chunk.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from recycler.delta.kernels import Blocks, DenseBlocks, DiffChunk, PairBlocks, S
 from recycler.delta.residual import EMPTY, ChunkResidual
 
 ENV = "RECYCLER_KERNELS"
-CODES = {"BF16": 0, "F16": 1, "F32": 2}  # the C module's dtype codes
-OK = 0  # its status for a computed chunk (1: NaN/Inf or an overflow somewhere: the reference decides)
+CODES = {"BF16": 0, "F16": 1, "F32": 2, "F8_E4M3": 3, "F8_E5M2": 4}  # the C module's dtype codes
+# Its status for a computed chunk. Else: 1, NaN/Inf or an overflow somewhere; 2, no kernel for this
+# combination of dtypes (FP8 is compiled for FP8 throughout with a float32 Δ). The reference decides.
+OK = 0
 
 try:
     from recycler.delta import _native as _NATIVE_MODULE
