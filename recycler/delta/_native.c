@@ -1,4 +1,4 @@
-/* The Δ engine's arithmetic as one compiled pass per element (see recycler/delta/native.py).
+/* The Δ engine's arithmetic as one compiled pass per element (chosen by recycler/delta/fast.py).
  *
  * Every function reads the inputs' bit patterns once and, per element, widens to float32, subtracts or
  * adds α·Δ, narrows with round-to-nearest-even, flags residual exceptions and round-trip fixes and writes
@@ -8,8 +8,11 @@
  * Exactness rests on IEEE float32 add/subtract/multiply and nothing else: the build passes
  * -ffp-contract=off (no fusing t + a*w into an FMA, which aarch64 and -march=native would otherwise do)
  * and never -ffast-math; x86-64 computes float in SSE registers (no x87 excess precision). The one
- * place reassociation is allowed is the float64 sum of squares (an `omp simd` reduction), whose order
- * is then the compiler's: fixed for a build, independent of the thread count.
+ * place reassociation is allowed is the float64 sums of squares (the norms; `omp simd` reductions),
+ * whose order is then the compiler's: fixed for a build, independent of the thread count.
+ *
+ * Dtypes: bf16, fp16, fp32, and FP8 (E4M3, E5M2) for apply and recycle with a float32 Δ; any other
+ * combination returns UNSUPPORTED and the reference computes it.
  *
  * The GIL is released around every loop, so chunks of one tensor run on several threads at once.
  * Limited API (abi3): one wheel per platform serves every Python from 3.11.
