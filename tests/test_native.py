@@ -453,7 +453,11 @@ def test_the_baseline_build_computes_the_same_bytes_as_the_one_this_machine_runs
     assert cc, "a C compiler (`make setup` installs gcc)"
     src = Path(fast.__file__).with_name("_native.c")
     so = tmp_path / "_native.abi3.so"
-    flags = ["-O3", "-ffp-contract=off", "-fopenmp-simd", "-fno-strict-aliasing", "-fPIC", "-shared"]
+    import tomllib
+
+    pyproject = tomllib.loads((Path(fast.__file__).parents[2] / "pyproject.toml").read_text())
+    (ext,) = pyproject["tool"]["setuptools"]["ext-modules"]
+    flags = [*ext["extra-compile-args"], "-fPIC", "-shared"]  # the package's own build flags
     include = sysconfig.get_paths()["include"]
     subprocess.run([cc, *flags, "-DRECYCLER_BASELINE", f"-I{include}", str(src), "-o", str(so)], check=True)
     spec = importlib.util.spec_from_file_location("_native", so)

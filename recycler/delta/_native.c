@@ -417,8 +417,6 @@ static void *view(Views *vs, PyObject *obj, Py_ssize_t need, int writable, const
     return b->buf;
 }
 
-static int width(int code) { return wide(code); }
-
 static int check_code(int code) {
     if (code < BF16 || code >= NCODES) {
         PyErr_Format(PyExc_ValueError, "unknown dtype code %d", code);
@@ -442,12 +440,12 @@ static PyObject *py_diff(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iiipOOOOOOO", &bc, &tc, &sc, &rt, &ob, &ot, &oo, &oi, &ov, &or_, &os)) return NULL;
     if (!(check_code(bc) && check_code(tc) && check_code(sc))) return NULL;
     Views vs = {.held = 0};
-    Py_ssize_t n = count(&vs, ob, width(bc));
+    Py_ssize_t n = count(&vs, ob, wide(bc));
     DiffOut o;
     const void *t;
     void *out;
     double *sums;
-    if (n < 0 || !(t = view(&vs, ot, n * width(tc), 0, "tuned")) || !(out = view(&vs, oo, n * width(sc), 1, "out")) ||
+    if (n < 0 || !(t = view(&vs, ot, n * wide(tc), 0, "tuned")) || !(out = view(&vs, oo, n * wide(sc), 1, "out")) ||
         !(o.exc_idx = view(&vs, oi, n * 8, 1, "exc_idx")) || !(o.exc_val = view(&vs, ov, n * 4, 1, "exc_val")) ||
         !(o.rt_idx = view(&vs, or_, n * 8, 1, "rt_idx")) || !(sums = view(&vs, os, 16, 1, "sums"))) {
         release(&vs);
@@ -474,12 +472,12 @@ static PyObject *py_apply_pair(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iiipOOOOf|O", &c, &bc, &tc, &fix, &ot, &oo, &ob, &ou, &a, &osums)) return NULL;
     if (!(check_code(c) && check_code(bc) && check_code(tc))) return NULL;
     Views vs = {.held = 0};
-    Py_ssize_t n = count(&vs, ot, width(c));
+    Py_ssize_t n = count(&vs, ot, wide(c));
     void *out;
     const void *b, *u;
     double *sums = NULL;
-    if (n < 0 || !(out = view(&vs, oo, n * width(c), 1, "out")) || !(b = view(&vs, ob, n * width(bc), 0, "base")) ||
-        !(u = view(&vs, ou, n * width(tc), 0, "tuned")) ||
+    if (n < 0 || !(out = view(&vs, oo, n * wide(c), 1, "out")) || !(b = view(&vs, ob, n * wide(bc), 0, "base")) ||
+        !(u = view(&vs, ou, n * wide(tc), 0, "tuned")) ||
         (osums != Py_None && !(sums = view(&vs, osums, 16, 1, "sums")))) {
         release(&vs);
         return NULL;
@@ -502,14 +500,14 @@ static PyObject *py_apply_stored(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iiOOOOOOOOf", &c, &sc, &ot, &oo, &os, &oi, &ov, &ori, &orb, &ort, &a)) return NULL;
     if (!(check_code(c) && check_code(sc))) return NULL;
     Views vs = {.held = 0};
-    Py_ssize_t n = count(&vs, ot, width(c)), ne, nr;
+    Py_ssize_t n = count(&vs, ot, wide(c)), ne, nr;
     void *out;
     const void *s;
     Residual r;
-    if (n < 0 || !(out = view(&vs, oo, n * width(c), 1, "out")) || !(s = view(&vs, os, n * width(sc), 0, "stored")) ||
+    if (n < 0 || !(out = view(&vs, oo, n * wide(c), 1, "out")) || !(s = view(&vs, os, n * wide(sc), 0, "stored")) ||
         (ne = count(&vs, oi, 8)) < 0 || !(r.exc_val = view(&vs, ov, ne * 4, 0, "exc_val")) ||
-        (nr = count(&vs, ori, 8)) < 0 || !(r.rt_base = view(&vs, orb, nr * width(c), 0, "rt_base")) ||
-        !(r.rt_tuned = view(&vs, ort, nr * width(c), 0, "rt_tuned"))) {
+        (nr = count(&vs, ori, 8)) < 0 || !(r.rt_base = view(&vs, orb, nr * wide(c), 0, "rt_base")) ||
+        !(r.rt_tuned = view(&vs, ort, nr * wide(c), 0, "rt_tuned"))) {
         release(&vs);
         return NULL;
     }
@@ -543,10 +541,10 @@ static PyObject *py_apply_dense(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iOOOf", &c, &ot, &oo, &od, &a)) return NULL;
     if (!check_code(c)) return NULL;
     Views vs = {.held = 0};
-    Py_ssize_t n = count(&vs, ot, width(c));
+    Py_ssize_t n = count(&vs, ot, wide(c));
     void *out;
     const float *d;
-    if (n < 0 || !(out = view(&vs, oo, n * width(c), 1, "out")) || !(d = view(&vs, od, n * 4, 0, "d32"))) {
+    if (n < 0 || !(out = view(&vs, oo, n * wide(c), 1, "out")) || !(d = view(&vs, od, n * 4, 0, "d32"))) {
         release(&vs);
         return NULL;
     }
